@@ -1,0 +1,102 @@
+"""Every config field, with its meaning and unit. Experiments import this and override."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # seeds parameters, data order, augmentation and sampling noise
+    config.method = "ours"  # erm | focal | topk | entropy | ours | ours_no_highlight
+
+    # ---- data -------------------------------------------------------------------------------
+    config.data = d = ml_collections.ConfigDict()
+    d.name = "synth_fundus"  # dataset family (puseg_jax/datasets.py)
+    d.data_dir = ""  # TFDS data dir; '' = $PUSEG_DATA_DIR or <repo>/tfds_data
+    d.manual_dir = ""  # the downloaded release (real datasets only)
+    d.build_kwargs = ml_collections.ConfigDict()  # extra BuilderConfig fields when preparing
+    d.source_domains = ("Domain2", "Domain3", "Domain4")  # trained on
+    d.target_domains = ("Domain1",)  # held out; evaluated at the end only
+    d.train_split = "train"  # split of the source domains used for training
+    d.val_split = "test"  # split of the source domains used for validation/selection
+    d.target_split = "test"  # split of the target domains reported
+    d.domain_weights = ()  # mixing weights of the source domains; () = equal
+    d.image_size = 64  # network input, pixels (square)
+    d.normalize = "zscore"  # per-image intensity normalisation: zscore | unit
+    d.context_slices = 0  # 2.5-D: slices on each side stacked as channels (1 -> 3 channels)
+    d.num_workers = 0  # grain worker processes (0 = in the main process)
+
+    # ---- augmentation (training only; joint for image and mask) ------------------------------
+    config.augment = a = ml_collections.ConfigDict()
+    a.enabled = True
+    a.scale = (0.9, 1.1)  # zoom factor range
+    a.rotate_deg = 15.0  # max rotation, degrees
+    a.flip = True  # random horizontal flip
+    a.translate = 0.05  # max shift, fraction of the image size
+    a.brightness = 0.1  # additive, on [0, 1] intensities
+    a.contrast = 0.15  # multiplicative around the mean, +- fraction
+    a.gamma = 0.2  # log-gamma range
+    a.noise_std = 0.02  # max Gaussian noise std, on [0, 1] intensities
+
+    # ---- model --------------------------------------------------------------------------------
+    config.model = m = ml_collections.ConfigDict()
+    m.widths = (32, 64, 128, 256, 512)  # channels per U-Net level (4 down-samplings)
+    m.norm = "batch"  # batch | group
+    m.dropout_rate = 0.0  # decoder dropout (needed for MC-dropout uncertainty)
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    m.conv_impl = "auto"  # 3x3 convolution: auto | xla | fast (see conv_ops.py)
+
+    # ---- loss (docs/method.md) --------------------------------------------------------------
+    config.loss = lo = ml_collections.ConfigDict()
+    lo.num_samples = 10  # T, logit samples per pixel
+    lo.alpha = 1.0  # weight of the uncertainty loss L_unc
+    lo.lambda_max = 1.0  # highlight strength after the ramp
+    lo.ramp_fraction = 0.1  # t_r as a fraction of num_train_steps
+    lo.uncertainty_source = "entropy"  # U from: entropy (of the sample mean) | sigma
+    lo.logvar_head = "per_class"  # log-variance channels: per_class (K) | shared (1)
+    lo.dice_weight = 1.0  # weight of the soft Dice loss
+    lo.dice_eps = 1e-5  # smoothing of the soft Dice
+    lo.focal_gamma = 2.0  # focal baseline
+    lo.topk_fraction = 0.2  # topk baseline: hardest fraction of pixels per image
+
+    # ---- optimisation -------------------------------------------------------------------------
+    config.batch_size = 8  # global batch, over all devices and processes
+    config.num_train_steps = 2000
+    config.optim = o = ml_collections.ConfigDict()
+    o.learning_rate = 2e-3  # Adam peak learning rate
+    o.poly_power = 0.9  # lr * (1 - t / T) ** power
+    o.weight_decay = 0.0  # decoupled (AdamW) weight decay; 0 = Adam
+    o.grad_clip_norm = 0.0  # global-norm clipping; 0 = off
+    config.nan_policy = "raise"  # non-finite loss/grads: raise | skip (step skipped, counted)
+
+    # ---- logging, evaluation, checkpoints ----------------------------------------------------
+    config.log_every_steps = 50
+    config.eval_every_steps = 500  # source-validation evaluation; 0 = only at the end
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 2  # last N kept (the source-validation best is kept apart)
+    config.model_selection = "last"  # checkpoint reported: last | source_val (best source Dice)
+    config.init_from = ""  # checkpoint dir to initialise params from when the workdir is empty
+
+    config.eval = e = ml_collections.ConfigDict()
+    e.batch_size = 16  # global evaluation batch (padded, nothing dropped)
+    e.threshold = 0.5  # sigmoid threshold (fundus; the peers' 0.75 is an option)
+    e.largest_component = True  # keep the largest connected component per structure
+    e.uncertainty = "samples"  # samples (T draws of the logit heads) | mc_dropout
+    e.num_samples = 10  # draws for the uncertainty map at evaluation
+    e.save_predictions = True  # eval/<domain>/predictions.npz for the notebook
+    e.num_panels = 4  # PNG panels per evaluated domain
+    e.boundary_width = 2  # pixels, band for boundary/interior uncertainty
+
+    # Named evaluators, filled by `puseg_jax.train.resolve_evals` when left empty:
+    # {name: {domain, split, role}} with role 'target' or 'source_val'.
+    config.evals = ml_collections.ConfigDict()
+
+    # ---- devices -----------------------------------------------------------------------------
+    config.parallel = p = ml_collections.ConfigDict()
+    p.strategy = "jit"  # jit (shard_map over a mesh) | pmap
+    p.num_devices = 0  # 0 = all devices
+    p.distributed = "auto"  # auto: jax.distributed.initialize() on detected clusters | off
+    p.coordinator_address = ""  # host:port for explicit multi-process runs
+    p.num_processes = 1
+    p.process_id = 0
+    p.cpu_collectives = ""  # e.g. 'gloo' for multi-process CPU runs
+    return config

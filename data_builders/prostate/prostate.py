@@ -1,0 +1,491 @@
+"""Prostate gland segmentation in T2-weighted MRI from six sites, 3-D NIfTI or 2-D slice layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+from data_builders import common
+
+_DESCRIPTION = """\
+Axial T2-weighted prostate MRI slices with whole-gland masks (0 background, 1 prostate) from the
+six sites of the SAML multi-site collection. The `nifti` layout turns every slice of every volume
+into an example (intensities clipped to the [0.5, 99.5] percentiles of the volume, scaled to
+[0, 255] uint8, resized in-plane to 384x384) with the spacing of the stored grid in mm; the
+`slices` layout stores the released 384x384 PNG slices as they are, spacing unknown.
+"""
+
+_CITATION = """\
+@inproceedings{liu2020saml,
+  title={Shape-aware Meta-learning for Generalizing Prostate {MRI} Segmentation to Unseen
+         Domains},
+  author={Liu, Quande and Dou, Qi and Heng, Pheng-Ann},
+  booktitle={Medical Image Computing and Computer Assisted Intervention (MICCAI)},
+  pages={475--485}, year={2020}
+}
+"""
+
+_INSTRUCTIONS = """\
+NIfTI layout (configs RUNMC, BMC, I2CVB, UCL, BIDMC, HK): download the multi-site prostate data
+linked from the SAML project page (https://liuquande.github.io/SAML/) and extract it so that
+
+  <manual_dir>/<SITE>/Case00.nii.gz
+  <manual_dir>/<SITE>/Case00_segmentation.nii.gz     (or Case00_Segmentation.nii.gz)
+
+Slice layout (configs <SITE>_slices): the ProstateSlice release of 384x384 PNG slices of the same
+sites, extracted so that
+
+  <manual_dir>/<SITE>/{train,test}/{image,mask}/<case>_<slice>.png
+
+SITE is one of RUNMC, BMC, I2CVB, UCL, BIDMC, HK (or your own site folder, see `prostate_builder`
+and docs/data.md). Masks: 0 background, 1 prostate (NIfTI) or 255 prostate (PNG).
+"""
+
+SITE_SOURCES = {
+    "RUNMC": "Radboud University Nijmegen Medical Centre, from NCI-ISBI 2013",
+    "BMC": "Boston Medical Center, from NCI-ISBI 2013",
+    "I2CVB": "Hospital Center Regional University of Dijon, from I2CVB",
+    "UCL": "University College London, from PROMISE12",
+    "BIDMC": "Beth Israel Deaconess Medical Center, from PROMISE12",
+    "HK": "Haukeland University Hospital, from PROMISE12",
+}
+
+LAYOUTS = ("nifti", "slices")
+
+# In-plane size of the stored slices (that of the ProstateSlice release).
+DEFAULT_SIZE = 384
+
+# Intensity window of each volume, in percentiles of its voxels.
+CLIP_PERCENTILES = (0.5, 99.5)
+
+# Sorted cases at positions 5, 10, 15, ... (counting from 1) form the validation split.
+VALIDATION_EVERY = 5
+
+# Image and label affines may differ by float noise written by the tools that saved them.
+AFFINE_ATOL = 1e-3
+
+SLICE_MASK_VALUE_TO_CLASS = {0: 0, 255: 1}
+SLICE_MASK_CONVENTION = "0 background, 255 prostate"
+
+_NIFTI_IMAGE = re.compile(r"^(?P<case>.+?)\.nii(\.gz)?$")
+_NIFTI_LABEL = re.compile(r"^(?P<case>.+?)_segmentation\.nii(\.gz)?$", re.IGNORECASE)
+_SLICE_NAME = re.compile(r"^(?P<case>.+)_(?P<slice>\d+)$")
+
+
+@dataclasses.dataclass(eq=False)
+class ProstateConfig(tfds.core.BuilderConfig):
+    """One prostate site in one release layout.
+
+    Attributes:
+      site: folder under `manual_dir` holding the site's files.
+      layout: "nifti" (SAML volumes, split 80/20 by patient into train/validation) or "slices"
+        (ProstateSlice PNGs, train/test as released).
+      size: in-plane side of the stored slices of the nifti layout.
+    """
+
+    site: str = ""
+    layout: str = "nifti"
+    size: int = DEFAULT_SIZE
+
+
+def _registered_configs() -> list[ProstateConfig]:
+    configs = []
+    for site, source in SITE_SOURCES.items():
+        configs.append(
+            ProstateConfig(
+                name=site,
+                site=site,
+                layout="nifti",
+                description=f"{site} ({source}): SAML NIfTI volumes, every axial slice, "
+                f"resized to {DEFAULT_SIZE}x{DEFAULT_SIZE}, patient split train/validation.",
+            )
+        )
+        configs.append(
+            ProstateConfig(
+                name=f"{site}_slices",
+                site=site,
+                layout="slices",
+                description=f"{site} ({source}): ProstateSlice 384x384 PNG slices, "
+                "train/test as released.",
+            )
+        )
+    return configs
+
+
+class Prostate(tfds.core.GeneratorBasedBuilder):
+    """DatasetBuilder for the six-site prostate MRI collection (one config per site and layout)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+    BUILDER_CONFIGS = _registered_configs()
+
+    def __init__(self, *, skip_unpaired: bool = False, merge_labels: bool = False, **kwargs: Any):
+        """Builder for one site and layout.
+
+        Args:
+          skip_unpaired: skip (with a warning) images without a mask and masks without an image
+            instead of failing.
+          merge_labels: nifti layout only: accept labels with several positive values (zonal
+            labels such as 1 central gland, 2 peripheral zone) and merge them into the gland.
+            Without it any label value other than 0 and 1 is an error.
+          **kwargs: `data_dir`, `config` (a name or a `ProstateConfig`), `version`.
+        """
+        super().__init__(**kwargs)
+        self._skip_unpaired = skip_unpaired
+        self._merge_labels = merge_labels
+        # Kept when pickled.
+        self._original_state.update(skip_unpaired=skip_unpaired, merge_labels=merge_labels)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=_DESCRIPTION,
+            features=common.segmentation_features(image_channels=1),
+            supervised_keys=("image", "mask"),
+            citation=_CITATION,
+            # Examples are stored in (case, slice) order; shuffling belongs to the input pipeline.
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        config = self.builder_config
+        common.check_config_name(config.name)
+        if config.layout not in LAYOUTS:
+            raise ValueError(f"Config {config.name}: layout must be one of {LAYOUTS}")
+        root = Path(dl_manager.manual_dir) / config.site
+        if config.layout == "nifti":
+            return self._nifti_splits(root)
+        return self._slice_splits(root)
+
+    def _generate_examples(
+        self, pairs: list[tuple[str, Path, Path]]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        if self.builder_config.layout == "nifti":
+            yield from self._nifti_examples(pairs)
+        else:
+            yield from self._slice_examples(pairs)
+
+    # ---------------------------------------------------------------- NIfTI layout (SAML)
+
+    def _nifti_splits(self, root: Path) -> dict[str, Iterator]:
+        common.require_dirs([root], _INSTRUCTIONS)
+        images, labels = {}, {}
+        for path in sorted(root.iterdir()):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            if match := _NIFTI_LABEL.match(path.name):
+                target = labels
+            elif match := _NIFTI_IMAGE.match(path.name):
+                target = images
+            else:
+                continue
+            case = match["case"]
+            if case in target:
+                raise common.DataError(f"Two files for case {case}: {target[case]} and {path}")
+            target[case] = path
+        pairs = common.pair_files(
+            images, labels, skip_unpaired=self._skip_unpaired, where=str(root)
+        )
+        if not pairs:
+            raise common.DataError(
+                f"No <case>.nii.gz / <case>_segmentation.nii.gz pairs in {root}: empty site "
+                f"{self.builder_config.site}."
+            )
+        by_case = {case: (case, image, label) for case, image, label in pairs}
+        train, validation = split_cases(list(by_case))
+        splits = {"train": self._generate_examples([by_case[c] for c in train])}
+        if validation:
+            splits["validation"] = self._generate_examples([by_case[c] for c in validation])
+        else:
+            logging.warning("%s has a single case: no validation split.", root)
+        return splits
+
+    def _nifti_examples(
+        self, pairs: list[tuple[str, Path, Path]]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        size = self.builder_config.size
+        for case, image_path, label_path in pairs:
+            volume, labels, zooms = load_nifti_pair(image_path, label_path)
+            labels = binarize_labels(labels, label_path, merge_labels=self._merge_labels)
+            scaled = normalize_intensity(volume)
+            rows, cols, num_slices = volume.shape
+            spacing = np.array(
+                [zooms[0] * rows / size, zooms[1] * cols / size, zooms[2]], dtype=np.float32
+            )
+            for k in range(num_slices):
+                image = resize_slice(scaled[:, :, k], size, Image.Resampling.BILINEAR)
+                mask = resize_slice(labels[:, :, k], size, Image.Resampling.NEAREST)
+                yield (
+                    common.example_key(case, k),
+                    {
+                        "image": common.encode_png(quantize(image)),
+                        "mask": common.encode_png(mask.astype(np.uint8)),
+                        "case_id": case,
+                        "slice_index": k,
+                        "num_slices": num_slices,
+                        "spacing": spacing,
+                        "spacing_unit": "mm",
+                        "domain": self.builder_config.name,
+                    },
+                )
+
+    # ---------------------------------------------------------------- slice layout (PNG)
+
+    def _slice_splits(self, root: Path) -> dict[str, Iterator]:
+        folders = [root / s / kind for s in ("train", "test") for kind in ("image", "mask")]
+        common.require_dirs(folders, _INSTRUCTIONS)
+        splits = {}
+        for split in ("train", "test"):
+            image_dir, mask_dir = root / split / "image", root / split / "mask"
+            pairs = common.pair_files(
+                common.list_by_stem(image_dir),
+                common.list_by_stem(mask_dir),
+                skip_unpaired=self._skip_unpaired,
+                where=f"{image_dir} and {mask_dir}",
+            )
+            if not pairs:
+                raise common.DataError(
+                    f"No image/mask pairs in {image_dir} and {mask_dir}: empty {split} split of "
+                    f"site {self.builder_config.site}."
+                )
+            splits[split] = self._generate_examples(pairs)
+        return splits
+
+    def _slice_examples(
+        self, pairs: list[tuple[str, Path, Path]]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        parsed = sorted(
+            (parse_slice_name(name, image_path), image_path, mask_path)
+            for name, image_path, mask_path in pairs
+        )
+        seen: dict[tuple[str, int], Path] = {}
+        for key, image_path, _ in parsed:
+            if key in seen:
+                raise common.DataError(
+                    f"Two files for case {key[0]} slice {key[1]}: {seen[key]} and {image_path}"
+                )
+            seen[key] = image_path
+        num_slices = Counter(case for (case, _), _, _ in parsed)
+        for (case, index), image_path, mask_path in parsed:
+            image = common.read_image(image_path, channels=1)
+            stored = common.read_grey(mask_path)
+            common.check_same_size(image.array, stored, image_path, mask_path)
+            mask = common.map_mask_values(
+                stored, SLICE_MASK_VALUE_TO_CLASS, mask_path, SLICE_MASK_CONVENTION
+            )
+            yield (
+                common.example_key(case, index),
+                {
+                    "image": image.png_bytes or common.encode_png(image.array),
+                    "mask": common.encode_png(mask),
+                    "case_id": case,
+                    "slice_index": index,
+                    "num_slices": num_slices[case],
+                    # The release keeps no header: physical spacing is unknown.
+                    "spacing": np.ones(3, dtype=np.float32),
+                    "spacing_unit": "pixel",
+                    "domain": self.builder_config.name,
+                },
+            )
+
+
+# -------------------------------------------------------------------- pure helpers
+
+
+def split_cases(case_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Deterministic 80/20 patient split of one site.
+
+    Sorted cases at positions 5, 10, 15, ... (counting from 1) go to validation, so RUNMC's 30
+    cases give 24/6 and HK's 12 give 10/2. A site of 2 to 4 cases puts its last case in
+    validation; a single case stays in train alone.
+
+    Returns:
+      (train case ids, validation case ids), both sorted.
+    """
+    ordered = sorted(case_ids)
+    validation = [c for i, c in enumerate(ordered, start=1) if i % VALIDATION_EVERY == 0]
+    if not validation and len(ordered) >= 2:
+        validation = ordered[-1:]
+    train = [c for c in ordered if c not in set(validation)]
+    return train, validation
+
+
+def load_nifti_pair(
+    image_path: Path, label_path: Path
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Loads an image volume and its label volume in a common orientation.
+
+    Both are checked for matching shape and affine in the files, reoriented to the closest
+    canonical (RAS+) axes, then laid out as (row, col, slice) = (anterior->posterior,
+    right->left, inferior->superior): axial slices as radiologists view them.
+
+    Returns:
+      (image float32, label, (row, col, slice) voxel size in mm), arrays of shape
+      (rows, cols, slices).
+    """
+    image = _load_nifti(image_path)
+    label = _load_nifti(label_path)
+    if image.shape != label.shape:
+        raise common.DataError(
+            f"Image and label shapes differ: {image_path} is {image.shape}, "
+            f"{label_path} is {label.shape}"
+        )
+    if not np.allclose(image.affine, label.affine, atol=AFFINE_ATOL):
+        raise common.DataError(
+            f"Image and label affines differ (atol {AFFINE_ATOL}): {image_path} has\n"
+            f"{np.array2string(image.affine, precision=4)}\n{label_path} has\n"
+            f"{np.array2string(label.affine, precision=4)}"
+        )
+    image = nib.as_closest_canonical(image)
+    label = nib.as_closest_canonical(label)
+    volume = _read_voxels(image, image_path, np.float32)
+    labels = _read_voxels(label, label_path, None)
+    zx, zy, zz = (float(z) for z in image.header.get_zooms()[:3])
+    return _to_display(volume), _to_display(labels), (zy, zx, zz)
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    try:
+        image = nib.load(path)
+    except Exception as e:  # nibabel raises ImageFileError, OSError, EOFError, ...
+        raise common.DataError(f"{path}: unreadable NIfTI file ({e})") from e
+    shape = image.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise common.DataError(f"{path}: expected a 3-D volume, got shape {image.shape}")
+    if shape != image.shape:
+        image = nib.Nifti1Image(
+            np.asarray(image.dataobj).reshape(shape), image.affine, image.header
+        )
+    return image
+
+
+def _read_voxels(image: nib.Nifti1Image, path: Path, dtype: type | None) -> np.ndarray:
+    try:
+        data = np.asarray(image.dataobj) if dtype is None else image.get_fdata(dtype=dtype)
+    except Exception as e:  # gzip/zlib errors of a truncated file surface only here.
+        raise common.DataError(f"{path}: unreadable or truncated NIfTI data ({e})") from e
+    if not np.all(np.isfinite(data)):
+        raise common.DataError(f"{path}: volume contains NaN or infinite values")
+    return data
+
+
+def _to_display(volume: np.ndarray) -> np.ndarray:
+    # RAS+ (x: ->right, y: ->anterior) to rows anterior->posterior, cols right->left.
+    return np.ascontiguousarray(np.flip(volume, axis=(0, 1)).transpose(1, 0, 2))
+
+
+def binarize_labels(labels: np.ndarray, path: Path, *, merge_labels: bool) -> np.ndarray:
+    """Returns a uint8 0/1 gland mask, refusing label values outside {0, 1}.
+
+    With `merge_labels`, every positive integer value (zones of the gland) becomes 1.
+    """
+    unexpected = [v.item() for v in np.unique(labels) if v != 0 and v != 1]
+    if unexpected:
+        integral_positive = all(float(v) > 0 and float(v).is_integer() for v in unexpected)
+        if not (merge_labels and integral_positive):
+            hint = (
+                " Build with merge_labels=True to merge positive zonal labels into the gland."
+                if integral_positive
+                else ""
+            )
+            raise common.DataError(
+                f"{path}: label values {unexpected[:10]} outside {{0, 1}} "
+                f"(0 background, 1 prostate).{hint}"
+            )
+    return (labels > 0).astype(np.uint8)
+
+
+def normalize_intensity(volume: np.ndarray) -> np.ndarray:
+    """Clips a volume to its [0.5, 99.5] percentiles and scales it to [0, 1] (float32).
+
+    A constant volume becomes all zeros.
+    """
+    low, high = np.percentile(volume, CLIP_PERCENTILES)
+    if high <= low:
+        return np.zeros_like(volume, dtype=np.float32)
+    return ((np.clip(volume, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def resize_slice(plane: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
+    """Resizes a 2-D plane to size x size (bilinear for [0, 1] floats, nearest for labels)."""
+    if plane.shape == (size, size):
+        return plane
+    if resample == Image.Resampling.NEAREST:
+        return np.asarray(Image.fromarray(plane.astype(np.uint8)).resize((size, size), resample))
+    resized = Image.fromarray(plane.astype(np.float32)).resize((size, size), resample)
+    return np.asarray(resized)
+
+
+def quantize(plane: np.ndarray) -> np.ndarray:
+    """[0, 1] float -> uint8 in [0, 255], rounding to nearest."""
+    return np.round(np.clip(plane, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def parse_slice_name(name: str, path: Path) -> tuple[str, int]:
+    """`<case>_<slice>` file stem -> (case id, slice index)."""
+    match = _SLICE_NAME.match(name)
+    if not match:
+        raise common.DataError(f"{path}: file name is not <case>_<slice>.png")
+    return match["case"], int(match["slice"])
+
+
+def prostate_builder(
+    site: str,
+    data_dir: str | Path,
+    *,
+    layout: str = "nifti",
+    skip_unpaired: bool = False,
+    merge_labels: bool = False,
+    name: str | None = None,
+) -> Prostate:
+    """Returns the prostate builder of one site folder, registered or not.
+
+    The six SAML sites use the registered configs (`BIDMC` for the NIfTI layout,
+    `BIDMC_slices` for the slice layout); any other folder (your own site, laid out like one of
+    the releases) gets a `ProstateConfig` of its own, named `site` (nifti) or `<site>_slices`.
+    Build it with `builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+    manual_dir=...), file_format="array_record")`; read it with `builder.as_data_source()` or
+    `tfds.data_source(f"prostate/{builder.builder_config.name}", data_dir=...)`.
+
+    Args:
+      site: the folder under `manual_dir`.
+      data_dir: where TFDS writes the prepared dataset.
+      layout: "nifti" or "slices".
+      skip_unpaired: skip unpaired images/masks with a warning instead of failing (needed for
+        the ProstateSlice I2CVB train folder, which has one of each).
+      merge_labels: nifti only, merge positive zonal label values into the gland.
+      name: config name (the dataset folder under `data_dir/prostate/`).
+
+    Returns:
+      A `Prostate` builder.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    name = name or (site if layout == "nifti" else f"{site}_slices")
+    registered = Prostate.builder_configs.get(name)
+    if registered is not None:
+        if (registered.site, registered.layout) != (site, layout):
+            raise ValueError(
+                f"{name!r} is the registered config of site {registered.site}, layout "
+                f"{registered.layout}; pass name= a new config name."
+            )
+        config: str | ProstateConfig = name
+    else:
+        config = ProstateConfig(
+            name=name, site=site, layout=layout, description=f"Prostate site folder {site!r}."
+        )
+    return Prostate(
+        data_dir=data_dir, config=config, skip_unpaired=skip_unpaired, merge_labels=merge_labels
+    )

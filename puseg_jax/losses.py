@@ -1,0 +1,223 @@
+"""Losses of every method, the pixel-wise uncertainty and the highlighting weights.
+
+Shapes: logits mu and log-variance s are [B, H, W, K] (s may have 1 channel, shared); the class
+mask is [B, H, W] int. Two label modes:
+  * 'softmax': K mutually exclusive classes (prostate: background, gland).
+  * 'sigmoid': K independent channels with nested targets, channel k = (mask > k)
+    (fundus: OD = mask >= 1, OC = mask >= 2).
+
+Batch reductions that are ratios of sums (the highlighted loss, soft Dice) must be taken over the
+global batch for 1 and N devices to agree, so they go through `_gsum`, which sums over the named
+data-parallel axis when one is given (`axis_name`), like BatchNorm's statistics.
+See docs/method.md for the formulas.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+METHODS = ("erm", "focal", "topk", "entropy", "ours", "ours_no_highlight")
+UNCERTAINTY_HEAD_METHODS = ("ours", "ours_no_highlight")
+
+
+def _gsum(x: jax.Array, axis_name: str | None, axis=None) -> jax.Array:
+    s = jnp.sum(x, axis=axis)
+    return jax.lax.psum(s, axis_name) if axis_name else s
+
+
+def _gmean(x: jax.Array, axis_name: str | None) -> jax.Array:
+    return _gsum(x, axis_name) / _gsum(jnp.ones_like(x), axis_name)
+
+
+def targets_from_mask(mask: jax.Array, label_mode: str, num_outputs: int) -> jax.Array:
+    """Class mask [B, H, W] -> float targets [B, H, W, K] (one-hot or nested channels)."""
+    if label_mode == "softmax":
+        return jax.nn.one_hot(mask, num_outputs, dtype=jnp.float32)
+    if label_mode == "sigmoid":
+        return (mask[..., None] > jnp.arange(num_outputs)).astype(jnp.float32)
+    raise ValueError(f"Unknown label_mode {label_mode!r}")
+
+
+def probabilities(logits: jax.Array, label_mode: str) -> jax.Array:
+    return jax.nn.softmax(logits) if label_mode == "softmax" else jax.nn.sigmoid(logits)
+
+
+def pixel_log_likelihood(logits: jax.Array, targets: jax.Array, label_mode: str) -> jax.Array:
+    """log p(y | logits) per pixel and channel group: [..., 1] softmax, [..., K] sigmoid."""
+    if label_mode == "softmax":
+        return jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1, keepdims=True)
+    return -optax.sigmoid_binary_cross_entropy(logits, targets)
+
+
+def pixel_cross_entropy(logits: jax.Array, targets: jax.Array, label_mode: str) -> jax.Array:
+    """CE per pixel [B, H, W]; for sigmoid the BCE averaged over channels."""
+    return -jnp.mean(pixel_log_likelihood(logits, targets, label_mode), axis=-1)
+
+
+def soft_dice_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    label_mode: str,
+    eps: float = 1e-5,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """1 - soft Dice of the foreground classes over the whole (global) batch, class-averaged."""
+    probs = probabilities(logits, label_mode)
+    if label_mode == "softmax":
+        probs, targets = probs[..., 1:], targets[..., 1:]
+    axes = tuple(range(probs.ndim - 1))
+    inter = _gsum(probs * targets, axis_name, axes)
+    denom = _gsum(probs, axis_name, axes) + _gsum(targets, axis_name, axes)
+    return 1.0 - jnp.mean((2.0 * inter + eps) / (denom + eps))
+
+
+def focal_pixel_loss(
+    logits: jax.Array, targets: jax.Array, label_mode: str, gamma: float
+) -> jax.Array:
+    """Focal loss per pixel [B, H, W]: -(1 - p_y)^gamma log p_y (channel-averaged for sigmoid)."""
+    log_p = pixel_log_likelihood(logits, targets, label_mode)
+    return -jnp.mean((1.0 - jnp.exp(log_p)) ** gamma * log_p, axis=-1)
+
+
+def topk_image_loss(ce: jax.Array, fraction: float) -> tuple[jax.Array, jax.Array]:
+    """Sum and count of the hardest `fraction` of pixels per image (per image, so any device
+    layout selects the same pixels)."""
+    flat = ce.reshape(ce.shape[0], -1)
+    k = max(1, int(round(fraction * flat.shape[1])))
+    top, _ = jax.lax.top_k(flat, k)
+    return jnp.sum(top), jnp.asarray(top.size, jnp.float32)
+
+
+def sample_logits(
+    mu: jax.Array, log_var: jax.Array, rng: jax.Array, num_samples: int, example_ids: jax.Array
+) -> jax.Array:
+    """z_t = mu + exp(s / 2) * eps_t, [T, B, H, W, K].
+
+    The noise of each example is drawn from `fold_in(rng, example_id)`, with the example's index
+    in the global batch, so the draws do not depend on how the batch is split across devices.
+    """
+    sigma = jnp.exp(0.5 * log_var)
+
+    def one(eid):
+        return jax.random.normal(jax.random.fold_in(rng, eid), (num_samples,) + mu.shape[1:])
+
+    eps = jax.vmap(one, out_axes=1)(example_ids)
+    return mu[None] + sigma[None] * eps
+
+
+def uncertainty_nll(z: jax.Array, targets: jax.Array, label_mode: str) -> jax.Array:
+    """Heteroscedastic loss per pixel [B, H, W]: -(logsumexp_t log p(y|z_t) - log T), in log space;
+    summed over channels in the sigmoid mode."""
+    log_p = jax.vmap(lambda zt: pixel_log_likelihood(zt, targets, label_mode))(z)
+    per_group = jax.nn.logsumexp(log_p, axis=0) - jnp.log(z.shape[0])
+    return -jnp.sum(per_group, axis=-1)
+
+
+def normalized_entropy(probs: jax.Array, label_mode: str) -> jax.Array:
+    """Predictive entropy in [0, 1] per pixel [B, H, W]: entropy / log K for softmax; binary
+    entropy / log 2 per channel, maximum over channels, for sigmoid."""
+    tiny = 1e-12
+    if label_mode == "softmax":
+        ent = -jnp.sum(probs * jnp.log(probs + tiny), axis=-1)
+        return ent / jnp.log(probs.shape[-1])
+    ent = -(probs * jnp.log(probs + tiny) + (1 - probs) * jnp.log(1 - probs + tiny))
+    return jnp.max(ent / jnp.log(2.0), axis=-1)
+
+
+def sample_mean_probs(z: jax.Array, label_mode: str) -> jax.Array:
+    return jnp.mean(probabilities(z, label_mode), axis=0)
+
+
+def sigma_uncertainty(log_var: jax.Array) -> jax.Array:
+    """U from sigma itself: channel-mean sigma, min-max normalised per image to [0, 1]."""
+    sigma = jnp.mean(jnp.exp(0.5 * log_var), axis=-1)
+    lo = jnp.min(sigma, axis=(1, 2), keepdims=True)
+    hi = jnp.max(sigma, axis=(1, 2), keepdims=True)
+    return (sigma - lo) / jnp.maximum(hi - lo, 1e-12)
+
+
+def highlight_lambda(step: jax.Array, lambda_max: float, ramp_steps: float) -> jax.Array:
+    """lambda(t) = lambda_max * exp(-5 (1 - t / t_r)^2) for t < t_r, lambda_max after."""
+    t = jnp.asarray(step, jnp.float32)
+    if ramp_steps <= 0:
+        return jnp.asarray(lambda_max, jnp.float32)
+    ramp = lambda_max * jnp.exp(-5.0 * (1.0 - t / ramp_steps) ** 2)
+    return jnp.where(t < ramp_steps, ramp, lambda_max).astype(jnp.float32)
+
+
+def num_logvar_channels(config: ml_collections.ConfigDict, num_outputs: int) -> int:
+    """Channels of the log-variance head for the configured method (0: no head)."""
+    if config.method not in UNCERTAINTY_HEAD_METHODS:
+        return 0
+    return {"per_class": num_outputs, "shared": 1}[config.loss.logvar_head]
+
+
+def compute_loss(
+    config: ml_collections.ConfigDict,
+    outputs: dict[str, jax.Array],
+    mask: jax.Array,
+    rng: jax.Array,
+    step: jax.Array,
+    label_mode: str,
+    example_ids: jax.Array,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """The training loss of `config.method` on one (per-device share of the) batch.
+
+    Args:
+      config: the experiment config (uses `method`, `loss.*`, `num_train_steps`).
+      outputs: the network outputs ('logits', and 'log_var' for the uncertainty methods).
+      mask: class mask [B, H, W] int32.
+      rng: the step's key (same on every device).
+      step: the global step, for the lambda ramp.
+      label_mode: 'softmax' or 'sigmoid'.
+      example_ids: [B] indices of these examples in the global batch.
+      axis_name: data-parallel axis to reduce over, or None on one device.
+
+    Returns:
+      (loss, aux): aux holds the loss terms, mean U and mean w (all global-batch values).
+    """
+    method, lc = config.method, config.loss
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
+    mu = outputs["logits"]
+    targets = targets_from_mask(mask, label_mode, mu.shape[-1])
+    ce = pixel_cross_entropy(mu, targets, label_mode)
+    dice = soft_dice_loss(mu, targets, label_mode, lc.dice_eps, axis_name)
+    aux: dict[str, Any] = {"loss_dice": dice}
+
+    if method == "erm":
+        seg = _gmean(ce, axis_name)
+    elif method == "focal":
+        seg = _gmean(focal_pixel_loss(mu, targets, label_mode, lc.focal_gamma), axis_name)
+    elif method == "topk":
+        total, count = topk_image_loss(ce, lc.topk_fraction)
+        seg = _gsum(total, axis_name) / _gsum(count, axis_name)
+    else:
+        lam = highlight_lambda(step, lc.lambda_max, lc.ramp_fraction * config.num_train_steps)
+        if method == "entropy":
+            u = normalized_entropy(probabilities(mu, label_mode), label_mode)
+        else:
+            log_var = outputs["log_var"]
+            z = sample_logits(mu, log_var, rng, lc.num_samples, example_ids)
+            unc = _gmean(uncertainty_nll(z, targets, label_mode), axis_name)
+            aux["loss_unc"] = unc
+            if lc.uncertainty_source == "sigma":
+                u = sigma_uncertainty(log_var)
+            else:
+                u = normalized_entropy(sample_mean_probs(z, label_mode), label_mode)
+            if method == "ours_no_highlight":
+                lam = jnp.zeros((), jnp.float32)
+        w = 1.0 + lam * jax.lax.stop_gradient(u)
+        seg = _gsum(w * ce, axis_name) / _gsum(w, axis_name)
+        aux.update(lam=lam, mean_u=_gmean(u, axis_name), mean_w=_gmean(w, axis_name))
+
+    aux["loss_seg"] = seg
+    loss = seg + lc.dice_weight * dice
+    if "loss_unc" in aux:
+        loss = loss + lc.alpha * aux["loss_unc"]
+    aux["loss"] = loss
+    return loss, aux

@@ -1,0 +1,137 @@
+"""The segmentation network: a 2-D U-Net with a logit head and a log-variance head (Flax Linen).
+
+Linen rather than NNX: the train step must be one pure function of (state, batch, rng) that is
+wrapped unchanged by `jax.pmap` and by `jax.jit(shard_map(...))` (see `parallel.py`), and whose
+state (params, BatchNorm statistics, optimizer state) is a plain pytree for orbax. Linen's
+`apply` is exactly that function; with NNX we would split/merge graph state at every boundary.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from puseg_jax import conv_ops
+
+
+class ConvNormAct(nn.Module):
+    """3x3 convolution (no bias: a norm follows), normalisation, ReLU."""
+
+    features: int
+    norm: str = "batch"
+    num_groups: int = 8
+    bn_axis_name: str | None = None
+    conv_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = conv_ops.Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype)(x)
+        if self.norm == "batch":
+            # Statistics are averaged over `bn_axis_name` (the data-parallel axis) so that every
+            # device normalises with the global batch statistics: 1 and N devices agree.
+            x = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=0.9,
+                epsilon=1e-5,
+                axis_name=bn_axis_name_if(train, self.bn_axis_name),
+                dtype=self.dtype,
+            )(x)
+        elif self.norm == "group":
+            x = nn.GroupNorm(num_groups=min(self.num_groups, self.features), dtype=self.dtype)(x)
+        else:
+            raise ValueError(f"Unknown norm {self.norm!r}; expected 'batch' or 'group'.")
+        return nn.relu(x)
+
+
+def bn_axis_name_if(train: bool, axis_name: str | None) -> str | None:
+    # At inference BatchNorm uses running statistics and needs no collective.
+    return axis_name if train else None
+
+
+class DoubleConv(nn.Module):
+    features: int
+    norm: str = "batch"
+    bn_axis_name: str | None = None
+    conv_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        for _ in range(2):
+            x = ConvNormAct(
+                self.features,
+                norm=self.norm,
+                bn_axis_name=self.bn_axis_name,
+                conv_impl=self.conv_impl,
+                dtype=self.dtype,
+            )(x, train)
+        return x
+
+
+class UNet(nn.Module):
+    """U-Net with len(widths) - 1 down-sampling levels and two 1x1 heads.
+
+    Attributes:
+      num_classes: K, channels of the logit head mu.
+      widths: channels per level, encoder top to bottleneck (default 4 down-samplings).
+      logvar_channels: channels of the log-variance head s: 0 (no head), 1 (shared across
+        classes) or K.
+      norm: 'batch' or 'group'.
+      dropout_rate: dropout in the decoder blocks (0 disables; >0 enables MC dropout).
+      bn_axis_name: the named data-parallel axis BatchNorm averages statistics over.
+      conv_impl: 'xla' or 'fast' (see `conv_ops`).
+      dtype: compute dtype (parameters stay float32).
+    """
+
+    num_classes: int
+    widths: Sequence[int] = (32, 64, 128, 256, 512)
+    logvar_channels: int = 0
+    norm: str = "batch"
+    dropout_rate: float = 0.0
+    bn_axis_name: str | None = None
+    conv_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, mc_dropout: bool = False) -> dict[str, jax.Array]:
+        """Runs the network.
+
+        Args:
+          x: images, float32 [B, H, W, C]; H and W divisible by 2 ** (len(widths) - 1).
+          train: BatchNorm in training mode (batch statistics, updates running averages).
+          mc_dropout: apply decoder dropout even when not training (MC-dropout sampling).
+
+        Returns:
+          {'logits': [B, H, W, K] float32, 'log_var': [B, H, W, logvar_channels] float32 (only if
+          logvar_channels > 0)}.
+        """
+        block = dict(
+            norm=self.norm,
+            bn_axis_name=self.bn_axis_name,
+            conv_impl=self.conv_impl,
+            dtype=self.dtype,
+        )
+        x = x.astype(self.dtype)
+        skips = []
+        for width in self.widths[:-1]:
+            x = DoubleConv(width, **block)(x, train)
+            skips.append(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = DoubleConv(self.widths[-1], **block)(x, train)
+        for width, skip in zip(reversed(self.widths[:-1]), reversed(skips), strict=False):
+            x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+            x = jnp.concatenate([x, skip], axis=-1)
+            x = DoubleConv(width, **block)(x, train)
+            if self.dropout_rate > 0:
+                x = nn.Dropout(self.dropout_rate, deterministic=not (train or mc_dropout))(x)
+        out = {
+            "logits": nn.Conv(self.num_classes, (1, 1), name="logits_head")(x).astype(jnp.float32)
+        }
+        if self.logvar_channels:
+            out["log_var"] = nn.Conv(self.logvar_channels, (1, 1), name="log_var_head")(x).astype(
+                jnp.float32
+            )
+        return out

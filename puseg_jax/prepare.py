@@ -1,0 +1,109 @@
+"""Builds (once) and opens the TFDS datasets an experiment needs.
+
+`python -m puseg_jax.prepare --config configs/fundus.py:Domain1 --data.manual_dir=...` builds
+every domain of the config; training calls `prepare_all` too, so the synthetic default needs no
+separate step.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import ml_collections
+import tensorflow_datasets as tfds
+from absl import logging
+
+from puseg_jax.datasets import DatasetInfo
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_data_dir(config: ml_collections.ConfigDict) -> str:
+    """config.data.data_dir, else $PUSEG_DATA_DIR, else <repo>/tfds_data."""
+    return config.data.data_dir or os.environ.get("PUSEG_DATA_DIR") or str(REPO_ROOT / "tfds_data")
+
+
+def get_builder(
+    info: DatasetInfo, domain: str, data_dir: str, build_kwargs: dict | None = None
+) -> tfds.core.DatasetBuilder:
+    """The builder of one domain; a domain not among the builder's configs (a user's own
+    hospital) gets a config of the same class with that name."""
+    import data_builders  # noqa: F401  (registers the builders)
+
+    cls = tfds.builder_cls(info.builder)
+    name = info.builder_config(domain)
+    configs = {c.name: c for c in cls.BUILDER_CONFIGS}
+    kwargs = dict(build_kwargs or {})
+    if name in configs and not kwargs:
+        return cls(config=configs[name], data_dir=data_dir)
+    base = configs.get(name, cls.BUILDER_CONFIGS[0])
+    fields = {f.name for f in dataclasses.fields(base)}
+    if "domain" in fields and not kwargs.get("domain"):
+        kwargs["domain"] = name
+    if name in configs:
+        # TFDS forbids reusing a registered name for other settings: the variant is named by
+        # a digest of its fields, so each variant gets its own folder in the data dir.
+        digest = hashlib.sha1(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:8]
+        cfg = dataclasses.replace(base, name=f"{name}_{digest}", **kwargs)
+    else:
+        cfg = dataclasses.replace(base, name=name, description=f"User domain {name}.", **kwargs)
+    return cls(config=cfg, data_dir=data_dir)
+
+
+def prepare_domain(
+    info: DatasetInfo,
+    domain: str,
+    data_dir: str,
+    manual_dir: str = "",
+    build_kwargs: dict | None = None,
+) -> tfds.core.DatasetBuilder:
+    """Builds one domain if it is not built yet (array_record, no TensorFlow)."""
+    builder = get_builder(info, domain, data_dir, build_kwargs)
+    if not builder.is_prepared():
+        t0 = time.time()
+        logging.info(
+            "Building %s/%s into %s ...", info.builder, builder.builder_config.name, data_dir
+        )
+        print(f"[prepare] building {info.builder}/{builder.builder_config.name} ...", flush=True)
+        dl_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+        builder.download_and_prepare(download_config=dl_config, file_format="array_record")
+        counts = {k: v.num_examples for k, v in builder.info.splits.items()}
+        print(
+            f"[prepare] {info.builder}/{builder.builder_config.name}: {counts} "
+            f"({time.time() - t0:.1f} s)",
+            flush=True,
+        )
+    return builder
+
+
+def all_domains(config: ml_collections.ConfigDict) -> list[str]:
+    return list(dict.fromkeys(list(config.data.source_domains) + list(config.data.target_domains)))
+
+
+def prepare_all(config: ml_collections.ConfigDict, info: DatasetInfo) -> str:
+    """Builds every domain the config uses; returns the data dir."""
+    data_dir = resolve_data_dir(config)
+    kwargs = config.data.build_kwargs.to_dict() if config.data.build_kwargs else {}
+    for domain in all_domains(config):
+        prepare_domain(info, domain, data_dir, config.data.manual_dir, kwargs)
+    return data_dir
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from puseg_jax.datasets import get_dataset_info
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+
+    def _main(argv):
+        del argv
+        cfg = flags.FLAGS.config
+        print(prepare_all(cfg, get_dataset_info(cfg.data.name)))
+
+    flags.mark_flags_as_required(["config"])
+    app.run(_main)

@@ -1,0 +1,526 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+Restore precedence: the workdir's own checkpoint > `config.init_from` > from scratch.
+"""
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from puseg_jax import (
+    checkpointing,
+    evaluation,
+    input_pipeline,
+    losses,
+    models,
+    parallel,
+    prepare,
+)
+from puseg_jax.datasets import DatasetInfo, get_dataset_info
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks, done before anything is built or compiled.
+
+
+def resolve_evals(config: ml_collections.ConfigDict) -> dict[str, dict]:
+    """Named evaluators: `config.evals` if given, else one per source domain (its validation
+    split, role 'source_val') and one per target domain (its target split, role 'target')."""
+    if len(config.evals):
+        return {k: dict(v) for k, v in config.evals.items()}
+    evals = {}
+    for d in config.data.source_domains:
+        evals[d] = dict(domain=d, split=config.data.val_split, role="source_val")
+    for d in config.data.target_domains:
+        evals[d] = dict(domain=d, split=config.data.target_split, role="target")
+    return evals
+
+
+def validate_config(config: ml_collections.ConfigDict) -> DatasetInfo:
+    """Raises a clear ValueError for config mistakes."""
+    info = get_dataset_info(config.data.name)
+    if config.method not in losses.METHODS:
+        raise ValueError(f"Unknown method {config.method!r}; expected one of {losses.METHODS}")
+    if config.parallel.strategy not in parallel.STRATEGIES:
+        raise ValueError(
+            f"Unknown parallel.strategy {config.parallel.strategy!r}; "
+            f"expected one of {parallel.STRATEGIES}"
+        )
+    extra = tuple(config.data.get("extra_domains", ()))
+    known = info.domains + extra
+    for d in list(config.data.source_domains) + list(config.data.target_domains):
+        if d not in known:
+            raise ValueError(
+                f"Unknown domain {d!r} for dataset {config.data.name!r}; expected one of "
+                f"{known} (a new domain of your own must be listed in data.extra_domains)"
+            )
+    overlap = set(config.data.source_domains) & set(config.data.target_domains)
+    if overlap:
+        raise ValueError(f"Target domain(s) {sorted(overlap)} are also source domains")
+    if not config.data.source_domains:
+        raise ValueError("data.source_domains is empty")
+    size = config.data.image_size
+    if size % 2 ** (len(config.model.widths) - 1):
+        raise ValueError(
+            f"data.image_size={size} must be divisible by 2**{len(config.model.widths) - 1}"
+        )
+    if config.model_selection not in ("last", "source_val"):
+        raise ValueError(f"Unknown model_selection {config.model_selection!r}")
+    if config.nan_policy not in ("raise", "skip"):
+        raise ValueError(f"Unknown nan_policy {config.nan_policy!r}")
+    if config.eval.uncertainty == "mc_dropout" and config.model.dropout_rate <= 0:
+        raise ValueError("eval.uncertainty='mc_dropout' needs model.dropout_rate > 0")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer, state.
+
+
+def create_model(config: ml_collections.ConfigDict, info: DatasetInfo) -> models.UNet:
+    from puseg_jax import conv_ops
+
+    return models.UNet(
+        num_classes=info.num_outputs,
+        widths=tuple(config.model.widths),
+        logvar_channels=losses.num_logvar_channels(config, info.num_outputs),
+        norm=config.model.norm,
+        dropout_rate=config.model.dropout_rate,
+        bn_axis_name=parallel.AXIS,
+        conv_impl=conv_ops.resolve_impl(config.model.conv_impl),
+        dtype=jnp.dtype(config.model.dtype),
+    )
+
+
+def input_channels(config: ml_collections.ConfigDict, info: DatasetInfo) -> int:
+    return info.channels * (2 * config.data.context_slices + 1)
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam(W) with polynomial decay lr * (1 - t / T) ** power, optional clipping."""
+    o = config.optim
+    schedule = optax.polynomial_schedule(
+        init_value=o.learning_rate,
+        end_value=0.0,
+        power=o.poly_power,
+        transition_steps=config.num_train_steps,
+    )
+    parts = []
+    if o.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+    if o.weight_decay > 0:
+        parts.append(optax.adamw(schedule, weight_decay=o.weight_decay))
+    else:
+        parts.append(optax.adam(schedule))
+    return optax.chain(*parts)
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, info: DatasetInfo, model: models.UNet, rng: jax.Array
+) -> TrainState:
+    """Initial state on the host (one copy; `parallel.replicate` places it)."""
+    size = config.data.image_size
+    dummy = jnp.zeros((1, size, size, input_channels(config, info)), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=create_optimizer(config),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-device steps (wrapped by parallel.py; reduce over parallel.AXIS).
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    label_mode: str,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step on this device's share of the global batch.
+
+    Non-finite loss or gradients leave the state unchanged (the host then raises or counts a
+    skip, per `config.nan_policy`).
+    """
+    step_rng = jax.random.fold_in(rng, state.step)
+    noise_rng, dropout_rng = jax.random.split(step_rng)
+    local_batch = batch["image"].shape[0]
+    ids = parallel.example_ids(local_batch)
+    # Dropout masks must not depend on the device layout either.
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(parallel.AXIS))
+
+    def loss_fn(params):
+        outputs, new_vars = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
+        )
+        loss, aux = losses.compute_loss(
+            config,
+            outputs,
+            batch["mask"],
+            noise_rng,
+            state.step,
+            label_mode,
+            ids,
+            axis_name=parallel.AXIS,
+        )
+        return loss, (aux, new_vars.get("batch_stats", {}))
+
+    (loss, (aux, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    grad_norm = optax.global_norm(grads)
+    finite_loss = jnp.isfinite(loss)
+    finite_grads = jnp.isfinite(grad_norm)
+    new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+    ok = finite_loss & finite_grads
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    # The step counter advances either way, so a skipped step does not replay its data.
+    new_state = new_state.replace(step=state.step + 1)
+    metrics = dict(aux, grad_norm=grad_norm, finite_loss=finite_loss, finite_grads=finite_grads)
+    return new_state, metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    label_mode: str,
+) -> dict[str, jax.Array]:
+    """Probabilities from mu (BatchNorm in inference mode) and the uncertainty map."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    outputs = state.apply_fn(variables, batch["image"], train=False)
+    probs = losses.probabilities(outputs["logits"], label_mode)
+    ids = parallel.example_ids(batch["image"].shape[0])
+    if config.eval.uncertainty == "mc_dropout":
+
+        def one(t):
+            key = jax.random.fold_in(jax.random.fold_in(rng, t), jax.lax.axis_index(parallel.AXIS))
+            out = state.apply_fn(
+                variables, batch["image"], train=False, mc_dropout=True, rngs={"dropout": key}
+            )
+            return losses.probabilities(out["logits"], label_mode)
+
+        mean = jnp.mean(jax.vmap(one)(jnp.arange(config.eval.num_samples)), axis=0)
+        unc = losses.normalized_entropy(mean, label_mode)
+    elif "log_var" in outputs:
+        z = losses.sample_logits(
+            outputs["logits"], outputs["log_var"], rng, config.eval.num_samples, ids
+        )
+        unc = losses.normalized_entropy(losses.sample_mean_probs(z, label_mode), label_mode)
+    else:
+        unc = losses.normalized_entropy(probs, label_mode)
+    return {"probs": probs, "uncertainty": unc}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints at the next step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: checkpointing at the next step, then exiting.")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _check_finite(pending: list, nan_policy: str, counters: dict) -> None:
+    """Host check of the in-step finiteness flags of the steps since the last check."""
+    for step, m in pending:
+        fl, fg = bool(m["finite_loss"]), bool(m["finite_grads"])
+        if fl and fg:
+            continue
+        what = "loss" if not fl else "gradients"
+        if nan_policy == "raise":
+            raise FloatingPointError(
+                f"Non-finite {what} at step {step} (loss={float(m['loss'])}, "
+                f"grad_norm={float(m['grad_norm'])}); the state was not updated and the last "
+                f"checkpoint is the last good one. Set nan_policy='skip' to skip such steps."
+            )
+        counters["skipped_steps"] += 1
+        logging.warning(
+            "Non-finite %s at step %d: step skipped (%d so far).",
+            what,
+            step,
+            counters["skipped_steps"],
+        )
+    pending.clear()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains on the source domains, then evaluates every evaluator in `config.evals`.
+
+    Args:
+      config: experiment config (configs/default.py documents every field).
+      workdir: where config.json, checkpoints, TensorBoard events, metrics.jsonl, eval/ and
+        summary.json go. An existing checkpoint there is resumed.
+
+    Returns:
+      The summary written to `<workdir>/summary.json`.
+    """
+    # ---- setup ----------------------------------------------------------------------------------
+    info = validate_config(config)
+    parallel.maybe_initialize_distributed(config)
+    mesh = parallel.create_mesh(config.parallel.num_devices)
+    parallel.check_batch_divisible(config.batch_size, mesh)
+    parallel.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+    strategy = config.parallel.strategy
+    evals = resolve_evals(config)
+    is_chief = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(_config_json(config), f, indent=2)
+        data_dir = prepare.prepare_all(config, info)
+    parallel.sync("prepare")
+    data_dir = prepare.resolve_data_dir(config)
+
+    model = create_model(config, info)
+    rng = jax.random.key(config.seed)
+    init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
+    host_state = create_train_state(config, info, model, init_rng)
+    writer = evaluation.make_writer(workdir)
+    ckpts = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
+    cfg_json = _config_json(config)
+    replicated = NamedSharding(mesh, P())
+
+    # ---- restore ----------------------------------------------------------------------------
+    counters = {"skipped_steps": 0}
+    data_state = None
+    latest = ckpts.latest_step()
+    if latest is not None:
+        host_state, extra = ckpts.restore(latest, host_state, replicated)
+        data_state, counters = extra["data_state"], extra["counters"]
+        print(f"[train] resumed from {workdir} at step {latest}", flush=True)
+    elif config.init_from:
+        src = checkpointing.restore_params_from(config.init_from, host_state, replicated)
+        host_state = host_state.replace(params=src.params, batch_stats=src.batch_stats)
+        print(f"[train] initialised params from {config.init_from}", flush=True)
+    start_step = int(host_state.step)
+
+    # ---- data -------------------------------------------------------------------------------
+    train_ds = input_pipeline.train_dataset(
+        info, config, data_dir, jax.process_index(), jax.process_count()
+    )
+    train_iter = input_pipeline.make_train_iterator(train_ds, config)
+    if data_state is not None:
+        train_iter.set_state(data_state)
+
+    # ---- compile ----------------------------------------------------------------------------
+    p_train_step = parallel.wrap_train_step(
+        functools.partial(train_step, config=config, label_mode=info.label_mode), mesh, strategy
+    )
+    p_eval_step = parallel.wrap_eval_step(
+        functools.partial(eval_step, config=config, label_mode=info.label_mode), mesh, strategy
+    )
+    state = parallel.replicate(host_state, mesh, strategy)
+    del host_state
+
+    def save(step: int) -> None:
+        extra = {"data_state": train_iter.get_state(), "counters": counters}
+        ckpts.save(step, parallel.unreplicate(state, strategy), extra, cfg_json)
+
+    def run_evals(names: list[str], step: int, full: bool) -> dict[str, dict]:
+        return evaluation.evaluate_domains(
+            p_eval_step,
+            state,
+            eval_rng,
+            config,
+            info,
+            data_dir,
+            mesh,
+            strategy,
+            {n: evals[n] for n in names},
+            workdir,
+            step,
+            writer,
+            full=full,
+        )
+
+    # ---- train loop ---------------------------------------------------------------------------
+    num_steps = config.num_train_steps
+    preemption = _Preemption()
+    pending: list = []
+    t_last, step_last = time.time(), start_step
+    source_val = [n for n, e in evals.items() if e["role"] == "source_val"]
+    print(
+        f"[train] {config.method} on {list(config.data.source_domains)} -> "
+        f"{list(config.data.target_domains)}: steps {start_step}..{num_steps}, "
+        f"{mesh.devices.size} device(s), strategy={strategy}",
+        flush=True,
+    )
+    try:
+        for step in range(start_step + 1, num_steps + 1):
+            batch = next(train_iter)
+            batch = parallel.shard_batch(
+                {"image": batch["image"], "mask": batch["mask"]}, mesh, strategy
+            )
+            state, metrics = p_train_step(state, batch, train_rng)
+            pending.append((step, metrics))
+
+            if step % config.log_every_steps == 0 or step == num_steps:
+                pending = [(s, jax.device_get(m)) for s, m in pending]
+                last = pending[-1][1]
+                _check_finite(pending, config.nan_policy, counters)
+                now = time.time()
+                rate = (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                scalars = {f"train/{k}": v for k, v in last.items() if not k.startswith("finite")}
+                scalars["train/steps_per_sec"] = rate
+                scalars["train/skipped_steps"] = counters["skipped_steps"]
+                writer.scalars(step, scalars)
+                eta = (num_steps - step) / max(rate, 1e-9)
+                print(
+                    f"[train] step {step}/{num_steps} loss {float(last['loss']):.4f} "
+                    f"{rate:.2f} steps/s ETA {eta:.0f} s",
+                    flush=True,
+                )
+
+            stop = parallel.any_across_processes(preemption.requested)
+            if stop or step % config.checkpoint_every_steps == 0 or step == num_steps:
+                pending = [(s, jax.device_get(m)) for s, m in pending]
+                _check_finite(pending, config.nan_policy, counters)
+                save(step)
+            if stop:
+                print(f"[train] preempted: checkpoint at step {step} written, exiting.", flush=True)
+                return {"preempted_at_step": step}
+            if source_val and config.eval_every_steps and step % config.eval_every_steps == 0:
+                results = run_evals(source_val, step, full=False)
+                val_dice = evaluation.mean_dice(results)
+                writer.scalars(step, {"eval/source_val_mean_dice": val_dice})
+                if config.model_selection == "source_val":
+                    extra = {"data_state": train_iter.get_state(), "counters": counters}
+                    ckpts.save_best(
+                        step, parallel.unreplicate(state, strategy), extra, cfg_json, val_dice
+                    )
+    finally:
+        preemption.restore()
+
+    # ---- final evaluation ------------------------------------------------------------------
+    summary = evaluate_checkpoint(
+        config,
+        workdir,
+        info,
+        mesh,
+        strategy,
+        state,
+        p_eval_step,
+        eval_rng,
+        writer,
+        ckpts,
+        evals,
+        num_steps,
+    )
+    summary["skipped_steps"] = counters["skipped_steps"]
+    evaluation.write_summary(workdir, summary)
+    writer.close()
+    ckpts.close()
+    return summary
+
+
+def evaluate_checkpoint(
+    config, workdir, info, mesh, strategy, state, p_eval_step, eval_rng, writer, ckpts, evals, step
+):
+    """Evaluates the selected checkpoint (last, or best on source validation) on all evals."""
+    selected = "last"
+    if config.model_selection == "source_val" and ckpts.latest_step("best") is not None:
+        best = ckpts.latest_step("best")
+        host = parallel.unreplicate(state, strategy)
+        restored, _ = ckpts.restore(best, host, NamedSharding(mesh, P()), which="best")
+        state = parallel.replicate(restored, mesh, strategy)
+        selected, step = f"best@{best}", best
+    data_dir = prepare.resolve_data_dir(config)
+    results = evaluation.evaluate_domains(
+        p_eval_step,
+        state,
+        eval_rng,
+        config,
+        info,
+        data_dir,
+        mesh,
+        strategy,
+        evals,
+        workdir,
+        step,
+        writer,
+        full=True,
+    )
+    return evaluation.make_summary(config, info, results, evals, selected, step)
+
+
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """`--mode=eval`: evaluates the workdir's checkpoint on all evals, no training."""
+    info = validate_config(config)
+    parallel.maybe_initialize_distributed(config)
+    mesh = parallel.create_mesh(config.parallel.num_devices)
+    parallel.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+    strategy = config.parallel.strategy
+    evals = resolve_evals(config)
+    model = create_model(config, info)
+    init_rng, _, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
+    host_state = create_train_state(config, info, model, init_rng)
+    ckpts = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
+    step = ckpts.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints/last to evaluate")
+    host_state, _ = ckpts.restore(step, host_state, NamedSharding(mesh, P()))
+    state = parallel.replicate(host_state, mesh, strategy)
+    p_eval_step = parallel.wrap_eval_step(
+        functools.partial(eval_step, config=config, label_mode=info.label_mode), mesh, strategy
+    )
+    writer = evaluation.make_writer(workdir)
+    summary = evaluate_checkpoint(
+        config,
+        workdir,
+        info,
+        mesh,
+        strategy,
+        state,
+        p_eval_step,
+        eval_rng,
+        writer,
+        ckpts,
+        evals,
+        step,
+    )
+    evaluation.write_summary(workdir, summary)
+    writer.close()
+    ckpts.close()
+    return summary
