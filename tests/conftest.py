@@ -1,0 +1,52 @@
+"""Shared fixtures. 8 fake CPU devices are set here, before anything imports JAX."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def test_config(**overrides):
+    """configs/test.py with dotted overrides, e.g. test_config(**{"method": "erm"})."""
+    from configs import test as test_cfg
+
+    config = test_cfg.get_config()
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> str:
+    """One TFDS data dir for the session (the tiny synthetic sets are built once)."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory, tfds_dir) -> str:
+    """A workdir trained once per session with configs/test.py (method 'ours'), with eval
+    reports, predictions.npz and checkpoints; shared by the eval, notebook and CLI tests."""
+    from puseg_jax import train
+
+    workdir = str(tmp_path_factory.mktemp("tiny_workdir"))
+    train.train_and_evaluate(test_config(**{"data.data_dir": tfds_dir}), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (it lies beside the checkout in "
+                    "development and CI only)")
+    return SHARED_DATA
