@@ -47,6 +47,8 @@ def tiny_workdir(tmp_path_factory, tfds_dir) -> str:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (it lies beside the checkout in "
-                    "development and CI only)")
+        pytest.skip(
+            f"real data not found at {SHARED_DATA} (it lies beside the checkout in "
+            "development and CI only)"
+        )
     return SHARED_DATA

@@ -186,7 +186,7 @@ def test_unpaired_nifti_and_slices(tmp_path):
 
     slices = make_slice_site(manual, site="Slices")
     (slices / "test/mask/07_01.png").unlink()
-    with pytest.raises(DataError, match="07_01.png"):
+    with pytest.raises(DataError, match=r"07_01\.png"):
         build(prostate_builder("Slices", tmp_path / "data", layout="slices"), manual)
 
 
@@ -368,7 +368,7 @@ def test_failed_build_leaves_no_dataset(tmp_path):
     bad = fundus_mask(512)
     bad[0, 0] = 7
     write_image(root / "test/ROIs/mask/b.png", bad)  # The train split is written first.
-    with pytest.raises(DataError, match="b.png"):
+    with pytest.raises(DataError, match=r"b\.png"):
         build(fundus_builder("Domain3", data_dir), manual)
     assert_nothing_written(data_dir, "fundus", "Domain3")
     # Reading it back fails instead of returning a partial dataset (TFDS 4.9.10 finds no
@@ -386,7 +386,7 @@ def test_failed_custom_config_build_is_not_found(tmp_path):
     manual, data_dir = tmp_path / "manual", tmp_path / "data"
     root = make_slice_site(manual, slices=(0, 1, 2))
     write_image(root / "test/mask/07_02.png", np.full((SIZE, SIZE), 3, np.uint8))
-    with pytest.raises(DataError, match="07_02.png"):
+    with pytest.raises(DataError, match=r"07_02\.png"):
         build(prostate_builder("Clinic", data_dir, layout="slices"), manual)
     assert_nothing_written(data_dir, "prostate", "Clinic_slices")
     with pytest.raises(ValueError, match="Clinic_slices not found"):
@@ -397,6 +397,6 @@ def test_failed_nifti_build_in_validation_leaves_no_dataset(tmp_path):
     manual, data_dir = tmp_path / "manual", tmp_path / "data"
     root = make_nifti_site(manual, cases=("Case00", "Case01"))
     (root / "Case01_segmentation.nii.gz").write_bytes(b"")  # Case01 is the validation case.
-    with pytest.raises(DataError, match="Case01_segmentation.nii.gz"):
+    with pytest.raises(DataError, match=r"Case01_segmentation\.nii\.gz"):
         build(clinic_nifti(data_dir), manual)
     assert_nothing_written(data_dir, "prostate", "Clinic")

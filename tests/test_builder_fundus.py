@@ -69,7 +69,7 @@ def fundus_data_dir(tmp_path_factory) -> Path:
 def test_real_domain_counts_and_features(fundus_data_dir, domain):
     sources = tfds.data_source(f"fundus/{domain}", data_dir=fundus_data_dir, decoders=SKIP_IMAGE)
     assert set(sources) == {"train", "test"}
-    for split, expected in zip(("train", "test"), EXPECTED_COUNTS[domain]):
+    for split, expected in zip(("train", "test"), EXPECTED_COUNTS[domain], strict=True):
         source = sources[split]
         assert len(source) == expected
         examples = [source[i] for i in range(len(source))]
@@ -196,9 +196,10 @@ def test_fundus_builder_crop_and_options(tmp_path):
 
     with pytest.raises(ValueError, match="registered config"):
         fundus_builder("Domain1", tmp_path / "data", center_crop=None)
-    assert fundus_builder("Domain1", tmp_path / "data").builder_config is Fundus.builder_configs[
-        "Domain1"
-    ]
+    assert (
+        fundus_builder("Domain1", tmp_path / "data").builder_config
+        is Fundus.builder_configs["Domain1"]
+    )
 
 
 def test_target_only_domain_with_test_split(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of the `prostate` builder: the real slice release, the real NIfTI case, generated volumes."""
+"""Tests of the `prostate` builder: real slices, the real NIfTI case and generated volumes."""
 
 from pathlib import Path
 
