@@ -236,6 +236,19 @@ def check_same_size(
         )
 
 
+def resize_image(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+    """[H, W, C] uint8 -> [size, size, C]: PIL bilinear (antialiased when shrinking) per channel,
+    or nearest for label masks. The input pipeline resizes with this same function."""
+    if array.shape[0] == size and array.shape[1] == size:
+        return array
+    resample = Image.NEAREST if nearest else Image.BILINEAR
+    channels = [
+        np.asarray(Image.fromarray(array[..., c]).resize((size, size), resample))
+        for c in range(array.shape[-1])
+    ]
+    return np.stack(channels, axis=-1)
+
+
 def encode_png(array: np.ndarray) -> bytes:
     """Encodes an (H, W), (H, W, 1) or (H, W, 3) uint8 array as PNG bytes."""
     if array.dtype != np.uint8:

@@ -36,13 +36,16 @@ def get_builder(
     cls = tfds.builder_cls(info.builder)
     name = info.builder_config(domain)
     configs = {c.name: c for c in cls.BUILDER_CONFIGS}
-    kwargs = dict(build_kwargs or {})
+    # None means "as the registered config" (lets configs declare overridable fields).
+    kwargs = {k: v for k, v in (build_kwargs or {}).items() if v is not None}
     if name in configs and not kwargs:
         return cls(config=configs[name], data_dir=data_dir)
     base = configs.get(name, cls.BUILDER_CONFIGS[0])
     fields = {f.name for f in dataclasses.fields(base)}
-    if "domain" in fields and not kwargs.get("domain"):
-        kwargs["domain"] = name
+    # A renamed variant must still read its domain's folder / generate its domain.
+    for field in ("domain", "folder"):
+        if field in fields and not kwargs.get(field) and not getattr(base, field, None):
+            kwargs[field] = name
     if name in configs:
         # TFDS forbids reusing a registered name for other settings: the variant is named by
         # a digest of its fields, so each variant gets its own folder in the data dir.

@@ -63,11 +63,17 @@ class FundusConfig(tfds.core.BuilderConfig):
         `[144:656, 144:656]` at 512); images already of that size are stored as they are, smaller
         ones are an error. None keeps images whole.
       splits: the split folders to read; every one must exist and hold at least one pair.
+      store_size: if set, images (bilinear, antialiased) and masks (nearest) are stored resized
+        to this square size after cropping, with `spacing` scaled so that distances stay in
+        pixels of the released ROI. The input pipeline resizes to the training size anyway, with
+        the same resampling, so this only makes a dataset smaller to store or ship (e.g. to an
+        accelerator host); training at `store_size` then sees identical pixels.
     """
 
     folder: str | None = None
     center_crop: int | None = DEFAULT_CENTER_CROP
     splits: tuple[str, ...] = ("train", "test")
+    store_size: int | None = None
 
     @property
     def domain_folder(self) -> str:
@@ -150,13 +156,19 @@ class Fundus(tfds.core.GeneratorBasedBuilder):
             stored = common.read_grey(mask_path)
             common.check_same_size(image.array, stored, image_path, mask_path)
             mask = common.map_mask_values(stored, MASK_VALUE_TO_CLASS, mask_path, MASK_CONVENTION)
-            image_bytes = image.png_bytes
-            if crop is not None and image.array.shape[:2] != (crop, crop):
-                window = center_crop_window(image.array.shape[:2], crop, image_path)
-                image_bytes = common.encode_png(image.array[window])
-                mask = mask[window]
-            elif image_bytes is None:
-                image_bytes = common.encode_png(image.array)
+            array, image_bytes = image.array, image.png_bytes
+            if crop is not None and array.shape[:2] != (crop, crop):
+                window = center_crop_window(array.shape[:2], crop, image_path)
+                array, mask, image_bytes = array[window], mask[window], None
+            spacing = np.ones(3, dtype=np.float32)
+            size = self.builder_config.store_size
+            if size is not None:
+                spacing[:2] = np.asarray(array.shape[:2], np.float32) / size
+                array = common.resize_image(array, size, nearest=False)
+                mask = common.resize_image(mask[..., None], size, nearest=True)[..., 0]
+                image_bytes = None
+            if image_bytes is None:
+                image_bytes = common.encode_png(array)
             yield (
                 common.example_key(name, 0),
                 {
@@ -166,9 +178,9 @@ class Fundus(tfds.core.GeneratorBasedBuilder):
                     "slice_index": 0,
                     "num_slices": 1,
                     # Physical pixel size differs per camera and is not in the release.
-                    "spacing": np.ones(3, dtype=np.float32),
+                    "spacing": spacing,
                     "spacing_unit": "pixel",
-                    "domain": self.builder_config.name,
+                    "domain": self.builder_config.domain_folder,
                 },
             )
 
