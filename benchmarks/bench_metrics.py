@@ -3,7 +3,8 @@
 Cases: a synthetic prostate-like blob in an anisotropic 384x384x24 volume (0.6 x 0.6 x 3.6 mm),
 a synthetic disc-like blob in a 256x256 image, and, when ../shared/data is beside the checkout,
 a real 512x512 fundus disc mask and the PROMISE12 NIfTI label. The "prediction" is a perturbed
-copy of the ground truth. Each timing is the best of --repeats runs (the machine is shared).
+copy of the ground truth. Each timing is the best of --repeats rounds in which ours and medpy
+take turns (the machine is shared).
 
     python -m benchmarks.bench_metrics [--repeats 5] [--seed 0]   # from the repository root
 """
@@ -75,13 +76,16 @@ def _cases(rng: np.random.Generator) -> list[tuple[str, np.ndarray, np.ndarray, 
     return cases
 
 
-def _best_time(fn, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
+def _best_times(fns, repeats: int) -> tuple[list[float], list[object]]:
+    """Best wall time of each function over `repeats` rounds, the functions taking turns within a
+    round so that load from other processes on the machine hits both alike."""
+    best, results = [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            results[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best, results
 
 
 def main() -> None:
@@ -106,8 +110,9 @@ def main() -> None:
                 medpy_binary.assd(pred, gt, voxelspacing=spacing),
             )
 
-        ours_s, ours_values = _best_time(ours, args.repeats)
-        reference_s, reference_values = _best_time(reference, args.repeats)
+        (ours_s, reference_s), (ours_values, reference_values) = _best_times(
+            [ours, reference], args.repeats
+        )
         difference = max(abs(a - b) for a, b in zip(ours_values, reference_values, strict=True))
         print(
             f"| {name} | {ours_s * 1e3:.1f} | {reference_s * 1e3:.1f} | "

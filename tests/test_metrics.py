@@ -250,6 +250,18 @@ def test_calibration_perfect_and_invalid():
         metrics.calibration([1.2], [1])
 
 
+@pytest.mark.parametrize("n_bins", [7, 10, 15])
+def test_calibration_bins_are_right_closed_at_float_edges(n_bins):
+    # Values on and one ulp either side of every edge: the fast binning must agree with a
+    # binary search on the edges.
+    edges = np.arange(n_bins + 1) / n_bins
+    values = np.concatenate([edges, np.nextafter(edges, 2.0), np.nextafter(edges, -1.0)])
+    values = np.clip(np.concatenate([values, np.random.default_rng(1).random(1000)]), 0.0, 1.0)
+    expected = np.bincount(np.searchsorted(edges[1:-1], values), minlength=n_bins)
+    result = metrics.calibration(values, np.ones(values.size, dtype=bool), n_bins=n_bins)
+    np.testing.assert_array_equal(result["bin_counts"], expected)
+
+
 def test_brier_and_nll_binary_by_hand():
     probs = np.array([0.8, 0.3])
     target = np.array([True, False])
