@@ -2,35 +2,75 @@
 
 Nothing here looks at the labels to decide what to predict: every example of the split is
 predicted (the last batch is padded and the padding dropped afterwards), at the network's input
-size, with BatchNorm's running statistics. Volumes are re-stacked from their slices by
-(case_id, slice_index) and scored in 3-D with the voxel spacing.
+size, with BatchNorm's running statistics, and only the images reach the devices. Volumes are
+re-stacked from their slices by (case_id, slice_index), post-processed in 3-D and scored in 3-D
+with the voxel spacing.
+
+Post-processing (the DoFE protocol, `config.eval`): a structure is foreground where its
+probability is above `threshold` (sigmoid) or where it wins the argmax (softmax); nested
+structures (fundus: the cup) are restricted to the structure that contains them (the disc);
+with `largest_component`, each structure keeps its largest connected component, connected in
+2-D for images and in 3-D for volumes.
+
+Reports per evaluator, in `<workdir>/eval/<name>/`: `summary.json` (per structure and metric:
+mean, std, median, n, and the counts of cases with an empty prediction or ground truth),
+`per_case.csv`, `predictions.npz` and panels; the same scalars in TensorBoard under
+`eval/<name>/...`.
 """
 
 import csv
 import json
+import math
 import os
+import zipfile
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from puseg_jax import input_pipeline, metrics, parallel, visualize
 from puseg_jax.datasets import DatasetInfo
 from puseg_jax.logging_utils import MetricWriter
 
 SURFACE_METRICS = ("dice", "hd95", "asd")
+# Evaluators whose results may choose a checkpoint: the source domains' validation splits.
+SELECTION_ROLE = "source_val"
+
+_PRED_KEYS = (
+    "image",
+    "mask",
+    "spacing",
+    "spacing_unit",
+    "case_id",
+    "slice_index",
+    "num_slices",
+    "index",
+)
 
 
 def make_writer(workdir: str) -> MetricWriter:
+    """The run's TensorBoard and metrics.jsonl writer."""
     return MetricWriter(workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction.
+
+
+def _process_rows(n: int) -> slice:
+    """This process's rows of a global batch of n: contiguous blocks in process order, the
+    layout `parallel.shard_batch` assembles on the 1-D mesh."""
+    local = n // jax.process_count()
+    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
 
 
 def predict_split(
     p_eval_step,
     state,
-    rng,
-    config,
+    rng: jax.Array,
+    config: ml_collections.ConfigDict,
     info: DatasetInfo,
     data_dir: str,
     mesh,
@@ -38,90 +78,153 @@ def predict_split(
     domain: str,
     split: str,
 ) -> dict[str, np.ndarray]:
-    """Predictions for every example of (domain, split), in the source's order, no padding."""
-    out: dict[str, list] = {
-        k: []
-        for k in (
-            "image",
-            "mask",
-            "spacing",
-            "probs",
-            "uncertainty",
-            "case_id",
-            "slice_index",
-            "spacing_unit",
-        )
-    }
+    """Predictions for every example of (domain, split), in the source's order, no padding.
+
+    Args:
+      p_eval_step: the wrapped eval step, (state, {'image'}, rng) -> {'probs', 'uncertainty'}.
+      state: the model state in the layout the step expects.
+      rng: key of the evaluation; batch i uses fold_in(rng, i).
+      config: the experiment config.
+      info: the dataset family.
+      data_dir: the TFDS data dir.
+      mesh: the device mesh.
+      strategy: parallel.strategy.
+      domain: the domain.
+      split: its split.
+
+    Returns:
+      {'image', 'mask', 'spacing', 'spacing_unit', 'case_id', 'slice_index', 'num_slices',
+      'index', 'probs' [N, H, W, K], 'uncertainty' [N, H, W]} with N the split's size.
+    """
+    out: dict[str, list] = {k: [] for k in _PRED_KEYS + ("probs", "uncertainty")}
     batches = input_pipeline.eval_batches(
         info, config, domain, split, data_dir, config.eval.batch_size
     )
     for i, batch in enumerate(batches):
-        n = len(batch["case_id"])
-        device_batch = parallel.shard_batch({"image": batch["image"]}, mesh, strategy)
+        valid = batch["valid"]
+        # The images only: labels never reach the devices.
+        local = {"image": batch["image"][_process_rows(len(valid))]}
+        device_batch = parallel.shard_batch(local, mesh, strategy)
         pred = parallel.to_host(p_eval_step(state, device_batch, jax.random.fold_in(rng, i)))
-        for k in ("image", "mask", "spacing", "case_id", "slice_index", "spacing_unit"):
-            out[k].append(batch[k][:n])
-        out["probs"].append(pred["probs"][:n])
-        out["uncertainty"].append(pred["uncertainty"][:n])
+        if len(pred["probs"]) != len(valid):
+            raise ValueError(f"eval step returned {len(pred['probs'])} rows for {len(valid)}")
+        for k in _PRED_KEYS:
+            out[k].append(batch[k][valid])
+        out["probs"].append(np.asarray(pred["probs"])[valid])
+        out["uncertainty"].append(np.asarray(pred["uncertainty"])[valid])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def structure_masks(probs: np.ndarray, info: DatasetInfo, config) -> np.ndarray:
-    """Probabilities of one case [(D,) H, W, K] -> post-processed masks [S, (D,) H, W]."""
+# ---------------------------------------------------------------------------------------------
+# Post-processing and per-case scores.
+
+
+def structure_masks(
+    probs: np.ndarray, info: DatasetInfo, config: ml_collections.ConfigDict
+) -> np.ndarray:
+    """Post-processed masks of one case.
+
+    Args:
+      probs: [H, W, K] for an image or [D, H, W, K] for a whole volume (slices in order).
+      info: the dataset family (label mode, structures).
+      config: the experiment config (eval.threshold, eval.largest_component).
+
+    Returns:
+      Boolean [S, H, W] or [S, D, H, W]. Sigmoid structures are nested: structure k is
+      restricted to structure k - 1 before its largest component is taken (the cup inside the
+      disc). With `largest_component`, components connect in the array's own dimensions: a
+      volume keeps its largest 3-D component.
+    """
     ec = config.eval
+    lcc = metrics.largest_connected_component if ec.largest_component else (lambda m: m)
+    masks = []
     if info.label_mode == "sigmoid":
-        if len(info.structures) == 2:
-            od, oc = metrics.postprocess_fundus(
-                probs[..., 0], probs[..., 1], ec.threshold, ec.largest_component
-            )
-            return np.stack([od, oc])
-        masks = [probs[..., k] > ec.threshold for k in range(len(info.structures))]
+        inside = None
+        for k in range(len(info.structures)):
+            m = probs[..., k] > ec.threshold
+            if inside is not None:
+                m &= inside
+            inside = lcc(m)
+            masks.append(inside)
     else:
         label = np.argmax(probs, axis=-1)
-        masks = [label == k + 1 for k in range(len(info.structures))]
-    if ec.largest_component:
-        masks = [metrics.largest_connected_component(m) for m in masks]
+        masks = [lcc(label == k + 1) for k in range(len(info.structures))]
     return np.stack(masks)
 
 
 def gt_structures(mask: np.ndarray, info: DatasetInfo) -> np.ndarray:
-    """Class mask -> [S, ...] ground-truth structure masks (nested for sigmoid)."""
+    """Class mask [...] -> ground-truth structure masks [S, ...] (nested for sigmoid)."""
     if info.label_mode == "sigmoid":
         return np.stack([mask > k for k in range(len(info.structures))])
     return np.stack([mask == k + 1 for k in range(len(info.structures))])
 
 
 def group_cases(pred: dict[str, np.ndarray], volumetric: bool) -> list[tuple[str, np.ndarray]]:
-    """(case_id, example indices in slice order); one example per case when 2-D."""
+    """Cases of a split in order of first appearance, with their example indices.
+
+    Args:
+      pred: at least 'case_id' and 'slice_index' per example, in any order.
+      volumetric: whether examples are slices of volumes.
+
+    Returns:
+      [(case_id, indices)]: for volumes the indices of the case's slices sorted by
+      slice_index (the re-stacked volume is pred[...][indices]); one example per case in 2-D.
+      Two examples of one slice raise ValueError; a gap in the slice indices is logged (the
+      slices are stacked as if adjacent).
+    """
     if not volumetric:
         return [(str(c), np.array([i])) for i, c in enumerate(pred["case_id"])]
-    cases: dict[str, list] = {}
-    for i, (c, s) in enumerate(zip(pred["case_id"], pred["slice_index"], strict=False)):
+    cases: dict[str, list[tuple[int, int]]] = {}
+    for i, (c, s) in enumerate(zip(pred["case_id"], pred["slice_index"], strict=True)):
         cases.setdefault(str(c), []).append((int(s), i))
     out = []
     for c, items in cases.items():
         items.sort()
         slices = [s for s, _ in items]
-        if slices != list(range(len(slices))):
-            raise ValueError(f"Case {c}: slices {slices} are not 0..n-1; cannot re-stack")
+        if len(set(slices)) != len(slices):
+            raise ValueError(f"Case {c} has two examples of one slice: slices {slices}")
+        if slices[-1] - slices[0] + 1 != len(slices):
+            logging.warning(
+                "Case %s: slices %s are not consecutive; stacked as adjacent.", c, slices
+            )
         out.append((c, np.array([i for _, i in items])))
     return out
 
 
-def score_cases(pred: dict[str, np.ndarray], info: DatasetInfo, config, full: bool):
-    """Per-case rows {case_id, <structure>: {dice, hd95, asd, empty_pred, empty_gt}}."""
+def case_spacing(pred: dict[str, np.ndarray], idx: np.ndarray, volumetric: bool) -> np.ndarray:
+    """Pixel or voxel size of one case in array-axis order: (row, col) for an image,
+    (slice, row, col) for a volume [D, H, W]; the stored spacing is (row, col, slice)."""
+    spacing = np.unique(pred["spacing"][idx], axis=0)
+    if len(spacing) != 1:
+        raise ValueError(f"Slices of one case have different spacings: {spacing.tolist()}")
+    spacing = spacing[0].astype(np.float64)
+    return spacing[[2, 0, 1]] if volumetric else spacing[:2]
+
+
+def score_cases(
+    pred: dict[str, np.ndarray], info: DatasetInfo, config: ml_collections.ConfigDict, full: bool
+) -> list[dict[str, Any]]:
+    """Per-case metrics of every structure.
+
+    Args:
+      pred: `predict_split`'s output.
+      info: the dataset family.
+      config: the experiment config (post-processing).
+      full: Dice, HD95 and ASD (True) or Dice only (periodic validation).
+
+    Returns:
+      [{'case_id', 'num_slices', <structure>: {'dice', ['hd95', 'asd'], 'empty_pred',
+      'empty_gt'}}], one row per image (2-D) or volume (3-D, in the unit of the spacing).
+    """
     rows = []
     for case_id, idx in group_cases(pred, info.volumetric):
-        probs = pred["probs"][idx]
-        gt = gt_structures(pred["mask"][idx], info)
+        probs, gt = pred["probs"][idx], gt_structures(pred["mask"][idx], info)
         if info.volumetric:
             pm = structure_masks(probs, info, config)  # [S, D, H, W]
-            spacing = pred["spacing"][idx[0]][[2, 0, 1]]  # (slice, row, col) for (D, H, W)
         else:
-            pm = structure_masks(probs[0], info, config)
-            gt = gt[:, 0]
-            spacing = pred["spacing"][idx[0]][:2]
-        row: dict[str, Any] = {"case_id": case_id}
+            pm, gt = structure_masks(probs[0], info, config), gt[:, 0]
+        spacing = case_spacing(pred, idx, info.volumetric)
+        row: dict[str, Any] = {"case_id": case_id, "num_slices": len(idx)}
         for s, name in enumerate(info.structures):
             if full:
                 row[name] = metrics.compute_case_metrics(pm[s], gt[s], spacing)
@@ -135,11 +238,26 @@ def score_cases(pred: dict[str, np.ndarray], info: DatasetInfo, config, full: bo
     return rows
 
 
-def uncertainty_quality(pred: dict[str, np.ndarray], info: DatasetInfo, width: int) -> dict:
-    """Pixel-level calibration and uncertainty-error agreement over the whole split."""
+def uncertainty_quality(pred: dict[str, np.ndarray], info: DatasetInfo, width: float) -> dict:
+    """Pixel-level calibration and uncertainty-error agreement over a whole split.
+
+    Sigmoid outputs are scored per channel (each channel a binary prediction at 0.5); a pixel
+    is misclassified when any channel is wrong. Softmax outputs are scored by their argmax.
+
+    Args:
+      pred: `predict_split`'s output.
+      info: the dataset family.
+      width: half-width in pixels of the band around ground-truth boundaries.
+
+    Returns:
+      {'ece' (15 bins), 'brier', 'nll', 'auroc_error' (uncertainty as a detector of
+      misclassified pixels), 'error_rate', 'u_boundary', 'u_interior', 'u_boundary_ratio',
+      'reliability' (bin edges, confidence, accuracy and counts)}.
+    """
     probs, mask, unc = pred["probs"], pred["mask"], pred["uncertainty"]
+    gt = gt_structures(mask, info)  # [S, N, H, W]
     if info.label_mode == "sigmoid":
-        target = gt_structures(mask, info).transpose(1, 2, 3, 0)  # [N, H, W, K]
+        target = np.moveaxis(gt, 0, -1)  # [N, H, W, K]
         conf = np.maximum(probs, 1 - probs)
         correct = (probs > 0.5) == target
         error = np.any(~correct, axis=-1)
@@ -149,9 +267,9 @@ def uncertainty_quality(pred: dict[str, np.ndarray], info: DatasetInfo, width: i
         correct = probs.argmax(axis=-1) == mask
         error = ~correct
         brier, nll = metrics.brier_score(probs, mask), metrics.nll(probs, mask)
-    cal = metrics.calibration(conf, correct)
+    cal = metrics.calibration(conf, correct, n_bins=15)
     band = np.zeros(mask.shape, bool)
-    for s in gt_structures(mask, info):
+    for s in gt:
         band |= metrics.boundary_band(s, width)
     u_band = float(unc[band].mean()) if band.any() else float("nan")
     u_rest = float(unc[~band].mean()) if (~band).any() else float("nan")
@@ -159,7 +277,7 @@ def uncertainty_quality(pred: dict[str, np.ndarray], info: DatasetInfo, width: i
         "ece": cal["ece"],
         "brier": brier,
         "nll": nll,
-        "auroc_error": metrics.auroc(unc.ravel(), error.ravel()),
+        "auroc_error": metrics.auroc(unc, error),
         "error_rate": float(error.mean()),
         "u_boundary": u_band,
         "u_interior": u_rest,
@@ -168,10 +286,14 @@ def uncertainty_quality(pred: dict[str, np.ndarray], info: DatasetInfo, width: i
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Evaluators.
+
+
 def evaluate_domains(
     p_eval_step,
     state,
-    rng,
+    rng: jax.Array,
     config: ml_collections.ConfigDict,
     info: DatasetInfo,
     data_dir: str,
@@ -183,9 +305,30 @@ def evaluate_domains(
     writer: MetricWriter,
     full: bool = True,
 ) -> dict[str, dict]:
-    """Evaluates each named evaluator; with `full`, writes eval/<name>/ reports and images."""
+    """Evaluates each named evaluator.
+
+    Args:
+      p_eval_step: the wrapped eval step.
+      state: the model state in the step's layout.
+      rng: evaluation key (uncertainty samples).
+      config: the experiment config.
+      info: the dataset family.
+      data_dir: the TFDS data dir.
+      mesh: the device mesh.
+      strategy: parallel.strategy.
+      evals: {name: {'domain', 'split', 'role'}}.
+      workdir: where eval/<name>/ goes.
+      step: the step logged.
+      writer: TensorBoard/metrics.jsonl writer (scalars under eval/<name>/...).
+      full: Dice, HD95, ASD, uncertainty quality and reports on disk; else Dice only
+        (periodic source validation).
+
+    Returns:
+      {name: {'role', 'domain', 'split', 'num_examples', 'num_cases', 'distance_unit',
+      'structures': metrics.summarize_cases output, ['uncertainty']}}.
+    """
     results = {}
-    is_chief = jax.process_index() == 0
+    names = SURFACE_METRICS if full else ("dice",)
     for name, ev in evals.items():
         pred = predict_split(
             p_eval_step,
@@ -200,55 +343,99 @@ def evaluate_domains(
             ev["split"],
         )
         rows = score_cases(pred, info, config, full)
-        names = SURFACE_METRICS if full else ("dice",)
         summary = metrics.summarize_cases(rows, names)
         res = {
             "role": ev["role"],
             "domain": ev["domain"],
             "split": ev["split"],
+            "step": int(step),
             "num_examples": int(len(pred["case_id"])),
+            "num_cases": len(rows),
+            "distance_unit": distance_unit(pred),
             "structures": summary,
         }
-        res["distance_unit"] = _unit(pred)
         if full:
             res["uncertainty"] = uncertainty_quality(pred, info, config.eval.boundary_width)
         results[name] = res
-        scalars = {f"eval/{name}/{s}/{m}": summary[s][m]["mean"] for s in summary for m in names}
-        if full:
-            scalars.update(
-                {
-                    f"eval/{name}/uncertainty/{k}": v
-                    for k, v in res["uncertainty"].items()
-                    if k != "reliability"
-                }
-            )
-        writer.scalars(step, scalars)
+        writer.scalars(step, _scalars(name, res, names))
         dice_txt = ", ".join(f"{s} {summary[s]['dice']['mean']:.4f}" for s in summary)
         print(
-            f"[eval] step {step} {name} ({ev['role']}, {ev['split']}, "
+            f"[eval] step {step} {name} ({ev['role']}, {ev['split']}, {res['num_cases']} cases, "
             f"{res['num_examples']} examples): Dice {dice_txt}",
             flush=True,
         )
-        if full and is_chief:
-            _write_domain_reports(workdir, name, res, rows, pred, info, config, step, writer)
+        if full and jax.process_index() == 0:
+            write_domain_reports(workdir, name, res, rows, pred, info, config, step, writer)
     return results
 
 
-def _unit(pred) -> str:
+def _scalars(name: str, res: dict, names: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for s, sm in res["structures"].items():
+        for m in names:
+            out[f"eval/{name}/{s}/{m}"] = sm[m]["mean"]
+        out[f"eval/{name}/{s}/n_empty_pred"] = sm["n_empty_pred"]
+        out[f"eval/{name}/{s}/n_empty_gt"] = sm["n_empty_gt"]
+    for k, v in res.get("uncertainty", {}).items():
+        if k != "reliability":
+            out[f"eval/{name}/uncertainty/{k}"] = v
+    return out
+
+
+def distance_unit(pred: dict[str, np.ndarray]) -> str:
+    """The one spacing unit of an evaluator's examples ('mm' or 'pixel'); mixed units raise."""
     units = set(pred["spacing_unit"].tolist())
     if len(units) != 1:
         raise ValueError(f"Mixed spacing units {units} within one evaluator")
     return units.pop()
 
 
-def _write_domain_reports(workdir, name, res, rows, pred, info, config, step, writer):
-    out = os.path.join(workdir, "eval", name)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(out, "per_case.csv"), "w", newline="") as f:
+def json_ready(x: Any) -> Any:
+    """A nested structure with NaN and infinities as None (strict JSON) and numpy scalars as
+    Python numbers."""
+    if isinstance(x, dict):
+        return {k: json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(json_ready(obj), f, indent=2, allow_nan=False)
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    """`np.savez_compressed` at zlib level 1: as small within a few percent on predictions, and
+    about twice as fast (compression is most of the time of an evaluator's reports)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+
+
+PER_CASE_COLUMNS = (
+    "case_id",
+    "structure",
+    "dice",
+    "hd95",
+    "asd",
+    "empty_pred",
+    "empty_gt",
+    "num_slices",
+    "unit",
+)
+
+
+def write_per_case(path: str, rows: list[dict], info: DatasetInfo, unit: str) -> None:
+    """per_case.csv: one line per case and structure (distances in `unit`)."""
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["case_id", "structure", "dice", "hd95", "asd", "empty_pred", "empty_gt"])
+        w.writerow(PER_CASE_COLUMNS)
         for row in rows:
             for s in info.structures:
                 r = row[s]
@@ -261,10 +448,43 @@ def _write_domain_reports(workdir, name, res, rows, pred, info, config, step, wr
                         r["asd"],
                         r["empty_pred"],
                         r["empty_gt"],
+                        row["num_slices"],
+                        unit,
                     ]
                 )
+
+
+def write_domain_reports(
+    workdir: str,
+    name: str,
+    res: dict,
+    rows: list[dict],
+    pred: dict[str, np.ndarray],
+    info: DatasetInfo,
+    config: ml_collections.ConfigDict,
+    step: int,
+    writer: MetricWriter,
+) -> None:
+    """Writes eval/<name>/{summary.json, per_case.csv, predictions.npz, panel_*.png} and the
+    panels and uncertainty histogram to TensorBoard.
+
+    Args:
+      workdir: the run's workdir.
+      name: the evaluator.
+      res: its `evaluate_domains` result.
+      rows: its `score_cases` rows.
+      pred: its `predict_split` output.
+      info: the dataset family.
+      config: the experiment config (eval.save_predictions, eval.num_panels).
+      step: the step logged.
+      writer: the TensorBoard writer.
+    """
+    out = os.path.join(workdir, "eval", name)
+    os.makedirs(out, exist_ok=True)
+    _write_json(os.path.join(out, "summary.json"), res)
+    write_per_case(os.path.join(out, "per_case.csv"), rows, info, res["distance_unit"])
     if config.eval.save_predictions:
-        np.savez_compressed(
+        save_npz(
             os.path.join(out, "predictions.npz"),
             image=pred["image"].astype(np.float16),
             label=pred["mask"].astype(np.uint8),
@@ -272,6 +492,8 @@ def _write_domain_reports(workdir, name, res, rows, pred, info, config, step, wr
             uncertainty=pred["uncertainty"].astype(np.float16),
             case_id=pred["case_id"].astype(str),
             slice_index=pred["slice_index"],
+            spacing=pred["spacing"],
+            spacing_unit=pred["spacing_unit"].astype(str),
         )
     panels = visualize.panels_for_domain(pred, rows, info, config, config.eval.num_panels)
     for i, (case_id, panel) in enumerate(panels):
@@ -280,14 +502,55 @@ def _write_domain_reports(workdir, name, res, rows, pred, info, config, step, wr
     writer.histogram(step, f"eval/{name}/uncertainty_hist", pred["uncertainty"])
 
 
+# ---------------------------------------------------------------------------------------------
+# Model selection and the run's summary.
+
+
 def mean_dice(results: dict[str, dict]) -> float:
-    """Mean Dice over evaluators and structures (model selection on source validation)."""
+    """Mean Dice over evaluators and structures, the model-selection score.
+
+    Args:
+      results: `evaluate_domains` output of source-validation evaluators only.
+
+    Returns:
+      The mean of the per-structure mean Dice.
+
+    Raises:
+      ValueError: if any result is not a source-validation one: a target domain must never
+        choose the checkpoint.
+    """
+    others = sorted(n for n, r in results.items() if r["role"] != SELECTION_ROLE)
+    if others:
+        raise ValueError(
+            f"Model selection may use '{SELECTION_ROLE}' evaluators only, not {others}"
+        )
+    if not results:
+        raise ValueError("No source-validation results to select a checkpoint with")
     vals = [r["structures"][s]["dice"]["mean"] for r in results.values() for s in r["structures"]]
     return float(np.mean(vals))
 
 
 def make_summary(config, info, results, evals, selected, step) -> dict[str, Any]:
+    """The run's summary.json: per evaluator and structure the means of Dice, HD95 and ASD and
+    the case counts (the full statistics are in eval/<name>/summary.json)."""
     del evals
+    out_evals = {}
+    for n, r in results.items():
+        ev: dict[str, Any] = {
+            "role": r["role"],
+            "domain": r["domain"],
+            "split": r["split"],
+            "num_examples": r["num_examples"],
+            "num_cases": r["num_cases"],
+            "distance_unit": r["distance_unit"],
+        }
+        for s, sm in r["structures"].items():
+            ev[s] = {m: sm[m]["mean"] for m in SURFACE_METRICS if m in sm}
+            ev[s] |= {"dice_std": sm["dice"]["std"], "n": sm["n"]}
+            ev[s] |= {"n_empty_pred": sm["n_empty_pred"], "n_empty_gt": sm["n_empty_gt"]}
+        if "uncertainty" in r:
+            ev["uncertainty"] = {k: v for k, v in r["uncertainty"].items() if k != "reliability"}
+        out_evals[n] = ev
     return {
         "method": config.method,
         "dataset": config.data.name,
@@ -297,57 +560,53 @@ def make_summary(config, info, results, evals, selected, step) -> dict[str, Any]
         "checkpoint": selected,
         "step": int(step),
         "structures": list(info.structures),
-        "evals": {
-            n: {
-                "role": r["role"],
-                "split": r["split"],
-                "num_examples": r["num_examples"],
-                "distance_unit": r.get("distance_unit"),
-                **{
-                    s: {
-                        m: r["structures"][s][m]["mean"]
-                        for m in SURFACE_METRICS
-                        if m in r["structures"][s]
-                    }
-                    | {
-                        "n": r["structures"][s]["n"],
-                        "n_empty_pred": r["structures"][s]["n_empty_pred"],
-                        "n_empty_gt": r["structures"][s]["n_empty_gt"],
-                    }
-                    for s in r["structures"]
-                },
-                **(
-                    {
-                        "uncertainty": {
-                            k: v for k, v in r["uncertainty"].items() if k != "reliability"
-                        }
-                    }
-                    if "uncertainty" in r
-                    else {}
-                ),
-            }
-            for n, r in results.items()
-        },
+        "evals": out_evals,
     }
 
 
 def write_summary(workdir: str, summary: dict) -> None:
+    """Writes <workdir>/summary.json (process 0) and prints the results table."""
     if jax.process_index() != 0:
         return
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(os.path.join(workdir, "summary.json"), summary)
     print(format_table([summary]), flush=True)
 
 
+def _cell(x: Any, digits: int) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
 def format_table(summaries: list[dict]) -> str:
-    """Markdown table: one row per (method, evaluator), Dice per structure."""
+    """Markdown table of run summaries: one row per (method, evaluator), per structure the mean
+    Dice, HD95 and ASD (in the evaluator's distance unit) and the cases with an empty
+    prediction.
+
+    Args:
+      summaries: `make_summary` outputs (e.g. erm and ours on the same data).
+
+    Returns:
+      The table, target evaluators after the source-validation ones of each run.
+    """
     if not summaries:
         return ""
     structures = summaries[0]["structures"]
-    head = "| method | domain | role | " + " | ".join(f"{s} Dice" for s in structures) + " |"
-    lines = [head, "|" + "---|" * (3 + len(structures))]
+    head = ["method", "domain", "role", "unit", "cases"]
+    for s in structures:
+        head += [f"{s} Dice", f"{s} HD95", f"{s} ASD", f"{s} empty pred"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for sm in summaries:
-        for name, ev in sm["evals"].items():
-            cells = " | ".join(f"{ev[s]['dice']:.4f}" for s in structures)
-            lines.append(f"| {sm['method']} | {name} | {ev['role']} | {cells} |")
+        evs = sorted(sm["evals"].items(), key=lambda kv: kv[1]["role"] == "target")
+        for name, ev in evs:
+            cells = [
+                sm["method"],
+                name,
+                ev["role"],
+                ev.get("distance_unit", ""),
+                str(ev.get("num_cases", "")),
+            ]
+            for s in structures:
+                r = ev[s]
+                cells += [_cell(r.get("dice"), 4), _cell(r.get("hd95"), 2)]
+                cells += [_cell(r.get("asd"), 2), str(r.get("n_empty_pred", ""))]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

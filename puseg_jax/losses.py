@@ -18,22 +18,35 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.scipy.special import xlogy
 
 METHODS = ("erm", "focal", "topk", "entropy", "ours", "ours_no_highlight")
 UNCERTAINTY_HEAD_METHODS = ("ours", "ours_no_highlight")
+UNCERTAINTY_SOURCES = ("entropy", "sigma")
 
 
 def _gsum(x: jax.Array, axis_name: str | None, axis=None) -> jax.Array:
+    """Sum over `axis` of this device's share, then over the data-parallel axis if named."""
     s = jnp.sum(x, axis=axis)
     return jax.lax.psum(s, axis_name) if axis_name else s
 
 
 def _gmean(x: jax.Array, axis_name: str | None) -> jax.Array:
+    """Mean over every element of the global batch (a ratio of global sums)."""
     return _gsum(x, axis_name) / _gsum(jnp.ones_like(x), axis_name)
 
 
 def targets_from_mask(mask: jax.Array, label_mode: str, num_outputs: int) -> jax.Array:
-    """Class mask [B, H, W] -> float targets [B, H, W, K] (one-hot or nested channels)."""
+    """Class mask -> float targets, one-hot (softmax) or nested channels (sigmoid).
+
+    Args:
+      mask: class indices [B, H, W] int.
+      label_mode: 'softmax' or 'sigmoid'.
+      num_outputs: K, channels of the logit head.
+
+    Returns:
+      [B, H, W, K] float32 targets; in the sigmoid mode channel k is (mask > k).
+    """
     if label_mode == "softmax":
         return jax.nn.one_hot(mask, num_outputs, dtype=jnp.float32)
     if label_mode == "sigmoid":
@@ -42,18 +55,34 @@ def targets_from_mask(mask: jax.Array, label_mode: str, num_outputs: int) -> jax
 
 
 def probabilities(logits: jax.Array, label_mode: str) -> jax.Array:
+    """Class probabilities [..., K]: softmax over channels, or a sigmoid per channel."""
     return jax.nn.softmax(logits) if label_mode == "softmax" else jax.nn.sigmoid(logits)
 
 
 def pixel_log_likelihood(logits: jax.Array, targets: jax.Array, label_mode: str) -> jax.Array:
-    """log p(y | logits) per pixel and channel group: [..., 1] softmax, [..., K] sigmoid."""
+    """log p(y | logits), computed from the logits (log-softmax, log-sigmoid), never log(p).
+
+    Args:
+      logits: [..., K].
+      targets: [..., K] from `targets_from_mask`.
+      label_mode: 'softmax' or 'sigmoid'.
+
+    Returns:
+      [..., 1] for softmax (one categorical label per pixel), [..., K] for sigmoid (one
+      Bernoulli label per channel).
+    """
     if label_mode == "softmax":
         return jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1, keepdims=True)
     return -optax.sigmoid_binary_cross_entropy(logits, targets)
 
 
 def pixel_cross_entropy(logits: jax.Array, targets: jax.Array, label_mode: str) -> jax.Array:
-    """CE per pixel [B, H, W]; for sigmoid the BCE averaged over channels."""
+    """Cross-entropy per pixel [B, H, W]; for sigmoid the BCE averaged over the channels.
+
+    The channel average keeps the pixel loss on the scale of the usual element-wise mean BCE of
+    multi-label segmentation (the `erm` baseline's loss); the uncertainty loss, a likelihood of
+    the whole label, sums over the channels instead (see `uncertainty_nll`).
+    """
     return -jnp.mean(pixel_log_likelihood(logits, targets, label_mode), axis=-1)
 
 
@@ -64,7 +93,18 @@ def soft_dice_loss(
     eps: float = 1e-5,
     axis_name: str | None = None,
 ) -> jax.Array:
-    """1 - soft Dice of the foreground classes over the whole (global) batch, class-averaged."""
+    """1 - soft Dice of the foreground over the whole (global) batch, averaged over structures.
+
+    Args:
+      logits: [B, H, W, K].
+      targets: [B, H, W, K] from `targets_from_mask`.
+      label_mode: 'softmax' (foreground = channels 1..K-1) or 'sigmoid' (every channel).
+      eps: smoothing added to numerator and denominator.
+      axis_name: data-parallel axis to sum over, or None.
+
+    Returns:
+      Scalar 1 - (2 sum p y + eps) / (sum p + sum y + eps), structure-averaged.
+    """
     probs = probabilities(logits, label_mode)
     if label_mode == "softmax":
         probs, targets = probs[..., 1:], targets[..., 1:]
@@ -79,12 +119,22 @@ def focal_pixel_loss(
 ) -> jax.Array:
     """Focal loss per pixel [B, H, W]: -(1 - p_y)^gamma log p_y (channel-averaged for sigmoid)."""
     log_p = pixel_log_likelihood(logits, targets, label_mode)
-    return -jnp.mean((1.0 - jnp.exp(log_p)) ** gamma * log_p, axis=-1)
+    # 1 - p_y as -expm1(log p_y): exact for confident pixels, where 1 - exp() cancels to 0.
+    return -jnp.mean((-jnp.expm1(log_p)) ** gamma * log_p, axis=-1)
 
 
 def topk_image_loss(ce: jax.Array, fraction: float) -> tuple[jax.Array, jax.Array]:
-    """Sum and count of the hardest `fraction` of pixels per image (per image, so any device
-    layout selects the same pixels)."""
+    """Sum and count of the hardest `fraction` of pixels of each image.
+
+    Selected per image, so any device layout selects the same pixels.
+
+    Args:
+      ce: per-pixel losses [B, H, W].
+      fraction: k, the share of pixels kept per image (at least one).
+
+    Returns:
+      (sum of the selected losses, their number), over this device's images.
+    """
     flat = ce.reshape(ce.shape[0], -1)
     k = max(1, int(round(fraction * flat.shape[1])))
     top, _ = jax.lax.top_k(flat, k)
@@ -98,6 +148,17 @@ def sample_logits(
 
     The noise of each example is drawn from `fold_in(rng, example_id)`, with the example's index
     in the global batch, so the draws do not depend on how the batch is split across devices.
+
+    Args:
+      mu: logits [B, H, W, K].
+      log_var: s, [B, H, W, K] or [B, H, W, 1] (one variance shared by the classes; the noise
+        is still drawn independently per class).
+      rng: the step's key.
+      num_samples: T.
+      example_ids: [B] indices of these examples in the global batch.
+
+    Returns:
+      [T, B, H, W, K] float32 logit samples.
     """
     sigma = jnp.exp(0.5 * log_var)
 
@@ -109,30 +170,62 @@ def sample_logits(
 
 
 def uncertainty_nll(z: jax.Array, targets: jax.Array, label_mode: str) -> jax.Array:
-    """Heteroscedastic loss per pixel [B, H, W]: -(logsumexp_t log p(y|z_t) - log T), in log space;
-    summed over channels in the sigmoid mode."""
+    """Heteroscedastic loss per pixel [B, H, W]: -(logsumexp_t log p(y|z_t) - log T).
+
+    That is -log((1/T) sum_t p(y|z_t)), computed in log space so that confident samples do not
+    underflow. In the sigmoid mode it is summed over the channels (the label's channels are
+    independent Bernoulli variables, so their log-likelihoods add).
+
+    Args:
+      z: logit samples [T, B, H, W, K].
+      targets: [B, H, W, K] from `targets_from_mask`.
+      label_mode: 'softmax' or 'sigmoid'.
+
+    Returns:
+      [B, H, W] per-pixel negative log-likelihood.
+    """
     log_p = jax.vmap(lambda zt: pixel_log_likelihood(zt, targets, label_mode))(z)
     per_group = jax.nn.logsumexp(log_p, axis=0) - jnp.log(z.shape[0])
     return -jnp.sum(per_group, axis=-1)
 
 
 def normalized_entropy(probs: jax.Array, label_mode: str) -> jax.Array:
-    """Predictive entropy in [0, 1] per pixel [B, H, W]: entropy / log K for softmax; binary
-    entropy / log 2 per channel, maximum over channels, for sigmoid."""
-    tiny = 1e-12
+    """Predictive entropy in [0, 1] per pixel.
+
+    Args:
+      probs: [B, H, W, K] probabilities (e.g. the sample mean p_bar).
+      label_mode: 'softmax' (entropy / log K) or 'sigmoid' (binary entropy / log 2 per channel,
+        maximum over the channels).
+
+    Returns:
+      [B, H, W] in [0, 1].
+    """
+    # xlogy(p, p) is exactly 0 at p = 0. The usual p * log(p + tiny) is not safe under jit: XLA
+    # may rewrite log(1 - p + tiny) as log((1 + tiny) - p) = log(0) at p = 1, and 0 * -inf is
+    # NaN. A sample mean of probabilities can also round past 1, hence the clip.
+    probs = jnp.clip(probs, 0.0, 1.0)
     if label_mode == "softmax":
-        ent = -jnp.sum(probs * jnp.log(probs + tiny), axis=-1)
+        ent = -jnp.sum(xlogy(probs, probs), axis=-1)
         return ent / jnp.log(probs.shape[-1])
-    ent = -(probs * jnp.log(probs + tiny) + (1 - probs) * jnp.log(1 - probs + tiny))
+    q = 1.0 - probs
+    ent = -(xlogy(probs, probs) + xlogy(q, q))
     return jnp.max(ent / jnp.log(2.0), axis=-1)
 
 
 def sample_mean_probs(z: jax.Array, label_mode: str) -> jax.Array:
+    """p_bar = (1/T) sum_t probabilities(z_t), [B, H, W, K] from samples [T, B, H, W, K]."""
     return jnp.mean(probabilities(z, label_mode), axis=0)
 
 
 def sigma_uncertainty(log_var: jax.Array) -> jax.Array:
-    """U from sigma itself: channel-mean sigma, min-max normalised per image to [0, 1]."""
+    """U from sigma itself: channel-mean sigma, min-max normalised per image to [0, 1].
+
+    Args:
+      log_var: s, [B, H, W, K] or [B, H, W, 1].
+
+    Returns:
+      [B, H, W] in [0, 1] (0 everywhere in an image whose sigma is constant).
+    """
     sigma = jnp.mean(jnp.exp(0.5 * log_var), axis=-1)
     lo = jnp.min(sigma, axis=(1, 2), keepdims=True)
     hi = jnp.max(sigma, axis=(1, 2), keepdims=True)
@@ -140,7 +233,19 @@ def sigma_uncertainty(log_var: jax.Array) -> jax.Array:
 
 
 def highlight_lambda(step: jax.Array, lambda_max: float, ramp_steps: float) -> jax.Array:
-    """lambda(t) = lambda_max * exp(-5 (1 - t / t_r)^2) for t < t_r, lambda_max after."""
+    """lambda(t) = lambda_max * exp(-5 (1 - t / t_r)^2) for t < t_r, lambda_max after.
+
+    The sigmoid-shaped ramp (of temporal ensembling and mean-teacher consistency weights) keeps
+    the highlighting weak while the early uncertainty maps are still noise.
+
+    Args:
+      step: t, the global step (0-based).
+      lambda_max: strength after the ramp.
+      ramp_steps: t_r in steps; <= 0 disables the ramp.
+
+    Returns:
+      Scalar float32 lambda(t).
+    """
     t = jnp.asarray(step, jnp.float32)
     if ramp_steps <= 0:
         return jnp.asarray(lambda_max, jnp.float32)
@@ -149,10 +254,23 @@ def highlight_lambda(step: jax.Array, lambda_max: float, ramp_steps: float) -> j
 
 
 def num_logvar_channels(config: ml_collections.ConfigDict, num_outputs: int) -> int:
-    """Channels of the log-variance head for the configured method (0: no head)."""
+    """Channels of the log-variance head for the configured method.
+
+    Args:
+      config: uses `method` and `loss.logvar_head` ('per_class' or 'shared').
+      num_outputs: K.
+
+    Returns:
+      K, 1, or 0 (no head: the methods without the uncertainty loss).
+    """
     if config.method not in UNCERTAINTY_HEAD_METHODS:
         return 0
-    return {"per_class": num_outputs, "shared": 1}[config.loss.logvar_head]
+    heads = {"per_class": num_outputs, "shared": 1}
+    if config.loss.logvar_head not in heads:
+        raise ValueError(
+            f"Unknown loss.logvar_head {config.loss.logvar_head!r}; expected one of {list(heads)}"
+        )
+    return heads[config.loss.logvar_head]
 
 
 def compute_loss(
@@ -183,6 +301,11 @@ def compute_loss(
     method, lc = config.method, config.loss
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
+    if lc.uncertainty_source not in UNCERTAINTY_SOURCES:
+        raise ValueError(
+            f"Unknown loss.uncertainty_source {lc.uncertainty_source!r}; "
+            f"expected one of {UNCERTAINTY_SOURCES}"
+        )
     mu = outputs["logits"]
     targets = targets_from_mask(mask, label_mode, mu.shape[-1])
     ce = pixel_cross_entropy(mu, targets, label_mode)

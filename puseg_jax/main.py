@@ -23,7 +23,9 @@ def main(argv):
 
     from puseg_jax import train
 
-    logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
+    # Not jax.devices(): that starts the backend, after which a multi-process run can no longer
+    # call jax.distributed.initialize (train.py reports the devices once it has).
+    logging.info("JAX %s", jax.__version__)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     if FLAGS.mode == "train":
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

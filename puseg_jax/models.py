@@ -6,6 +6,7 @@ state (params, BatchNorm statistics, optimizer state) is a plain pytree for orba
 `apply` is exactly that function; with NNX we would split/merge graph state at every boundary.
 """
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +41,9 @@ class ConvNormAct(nn.Module):
                 dtype=self.dtype,
             )(x)
         elif self.norm == "group":
-            x = nn.GroupNorm(num_groups=min(self.num_groups, self.features), dtype=self.dtype)(x)
+            # GroupNorm needs the group count to divide the width: gcd(num_groups, width) does.
+            groups = math.gcd(self.num_groups, self.features)
+            x = nn.GroupNorm(num_groups=groups, dtype=self.dtype)(x)
         else:
             raise ValueError(f"Unknown norm {self.norm!r}; expected 'batch' or 'group'.")
         return nn.relu(x)
@@ -52,8 +55,11 @@ def bn_axis_name_if(train: bool, axis_name: str | None) -> str | None:
 
 
 class DoubleConv(nn.Module):
+    """Two ConvNormAct blocks of the same width."""
+
     features: int
     norm: str = "batch"
+    num_groups: int = 8
     bn_axis_name: str | None = None
     conv_impl: str = "xla"
     dtype: Any = jnp.float32
@@ -64,6 +70,7 @@ class DoubleConv(nn.Module):
             x = ConvNormAct(
                 self.features,
                 norm=self.norm,
+                num_groups=self.num_groups,
                 bn_axis_name=self.bn_axis_name,
                 conv_impl=self.conv_impl,
                 dtype=self.dtype,
@@ -80,6 +87,7 @@ class UNet(nn.Module):
       logvar_channels: channels of the log-variance head s: 0 (no head), 1 (shared across
         classes) or K.
       norm: 'batch' or 'group'.
+      num_groups: GroupNorm groups (gcd with each width, which they must divide).
       dropout_rate: dropout in the decoder blocks (0 disables; >0 enables MC dropout).
       bn_axis_name: the named data-parallel axis BatchNorm averages statistics over.
       conv_impl: 'xla' or 'fast' (see `conv_ops`).
@@ -90,6 +98,7 @@ class UNet(nn.Module):
     widths: Sequence[int] = (32, 64, 128, 256, 512)
     logvar_channels: int = 0
     norm: str = "batch"
+    num_groups: int = 8
     dropout_rate: float = 0.0
     bn_axis_name: str | None = None
     conv_impl: str = "xla"
@@ -110,6 +119,7 @@ class UNet(nn.Module):
         """
         block = dict(
             norm=self.norm,
+            num_groups=self.num_groups,
             bn_axis_name=self.bn_axis_name,
             conv_impl=self.conv_impl,
             dtype=self.dtype,

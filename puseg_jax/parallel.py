@@ -7,7 +7,13 @@ It is wrapped either by
     axis and the state replicated (global `jax.Array`s; scales to multi-host pods), or
   * 'pmap': `jax.pmap(step, axis_name=AXIS)` over the local devices, with a leading device axis
     on state and batch.
-Both give the numbers of one device on the same global batch.
+Both give the numbers of one device on the same global batch (tests/test_parallel.py).
+
+Multi-process runs (TPU pods, GPU clusters, several CPU processes) use 'jit': every process
+feeds its own contiguous block of each global batch (`input_pipeline.train_dataset` and
+`evaluation.predict_split` cut it), and the mesh lists the devices process by process, so the
+blocks concatenated in process order are the global batch one process would have built
+(tests/test_multihost.py). 'pmap' maps over one process's devices only.
 """
 
 import os
@@ -25,39 +31,72 @@ AXIS = "data"
 STRATEGIES = ("jit", "pmap")
 
 
+def cluster_process_count() -> int:
+    """Processes of the job as announced by a cluster launcher (1 when none is detected): an
+    `srun` step of SLURM, Open MPI's `mpirun`, or a multi-host Cloud TPU slice."""
+    if "SLURM_STEP_ID" in os.environ:  # inside srun, not just an sbatch/salloc shell
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+    if "OMPI_COMM_WORLD_SIZE" in os.environ:
+        return int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return max(1, len([h for h in hosts.split(",") if h]))
+
+
 def maybe_initialize_distributed(config) -> None:
     """Calls `jax.distributed.initialize` for multi-process runs (before any JAX computation).
 
-    TPU pods and SLURM/Open MPI clusters are auto-detected by JAX (`parallel.distributed='auto'`
-    only initialises when such an environment is present); explicit coordinates come from the
-    config (`parallel.coordinator_address`, `num_processes`, `process_id`).
+    Explicit coordinates come from the config (`parallel.coordinator_address`, `num_processes`,
+    `process_id`, and `cpu_collectives` for several CPU processes). Otherwise, with
+    `parallel.distributed='auto'`, a job launched by SLURM (`srun`), Open MPI or on a multi-host
+    Cloud TPU slice is initialised by JAX's own detection of that environment; a single process
+    is left alone. A second call in the same process (a notebook, tests) does nothing.
+
+    Args:
+      config: the experiment config (its `parallel` block).
     """
     pc = config.parallel
+    if jax.distributed.is_initialized():
+        return
     if pc.coordinator_address:
-        if pc.get("cpu_collectives"):
+        if pc.cpu_collectives:
             jax.config.update("jax_cpu_collectives_implementation", pc.cpu_collectives)
         jax.distributed.initialize(
             coordinator_address=pc.coordinator_address,
             num_processes=pc.num_processes,
             process_id=pc.process_id,
         )
-    elif pc.distributed == "auto":
-        cluster_env = any(
-            k in os.environ
-            for k in (
-                "SLURM_NTASKS",
-                "OMPI_COMM_WORLD_SIZE",
-                "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS",
-            )
+    elif pc.distributed == "auto" and cluster_process_count() > 1:
+        jax.distributed.initialize()
+
+
+def check_strategy(strategy: str) -> None:
+    """Raises a ValueError for an unknown strategy, or 'pmap' over several processes.
+
+    Args:
+      strategy: `config.parallel.strategy`.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown parallel.strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy == "pmap" and jax.process_count() > 1:
+        raise ValueError(
+            f"parallel.strategy='pmap' maps over one process's devices; this run has "
+            f"{jax.process_count()} processes: use parallel.strategy='jit' (the default)"
         )
-        if cluster_env:
-            jax.distributed.initialize()
 
 
 def create_mesh(num_devices: int = 0) -> Mesh:
-    """1-D mesh over all devices (or the first `num_devices`; single-process only)."""
-    devices = jax.devices()
+    """1-D mesh ('data') over all devices, or the first `num_devices` (single process only).
+
+    The devices are listed process by process, so that each process's devices hold one
+    contiguous block of the batch axis: the block the process feeds (see `shard_batch`).
+
+    Args:
+      num_devices: how many devices to use; 0 = all.
+
+    Returns:
+      The mesh.
+    """
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     if num_devices:
         if jax.process_count() > 1:
             raise ValueError("parallel.num_devices must be 0 (all) for multi-process runs")
@@ -68,17 +107,29 @@ def create_mesh(num_devices: int = 0) -> Mesh:
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+    """Raises a ValueError unless `batch_size` splits evenly over the mesh's devices."""
     n = mesh.devices.size
     if batch_size % n:
         raise ValueError(f"{what}={batch_size} is not divisible by the {n} devices in use")
 
 
 def local_devices(mesh: Mesh) -> list:
+    """This process's devices of the mesh, in mesh order."""
     return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
 
 
 def replicate(tree: Any, mesh: Mesh, strategy: str) -> Any:
-    """Host state -> the layout the wrapped step expects."""
+    """Host state -> the layout the wrapped step expects.
+
+    Args:
+      tree: one copy of the state (numpy or single-device arrays, the same on every process).
+      mesh: the device mesh.
+      strategy: 'jit' (replicated global arrays) or 'pmap' (a leading local-device axis).
+
+    Returns:
+      The placed state; it may share buffers with `tree`, which the step's donation then
+      deletes.
+    """
     if strategy == "pmap":
         n = len(local_devices(mesh))
         sharding = NamedSharding(_local_mesh(mesh), P(AXIS))
@@ -94,14 +145,25 @@ def _local_mesh(mesh: Mesh) -> Mesh:
 
 
 def unreplicate(tree: Any, strategy: str) -> Any:
-    """The wrapped step's state -> one copy (host-addressable, for saving and evaluation)."""
+    """The wrapped step's state -> one copy: replicated global arrays for 'jit' (what orbax saves
+    from every process), the first device's copy for 'pmap'."""
     if strategy == "pmap":
         return jax.tree.map(lambda x: x[0], tree)
     return tree
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, strategy: str) -> dict[str, Any]:
-    """Host-local numpy batch -> device arrays (global over processes for 'jit')."""
+    """This process's block of the global batch -> device arrays split on the batch axis.
+
+    Args:
+      batch: numpy arrays with batch_size / process_count rows: block `process_index` of the
+        global batch.
+      mesh: the device mesh (from `create_mesh`).
+      strategy: 'jit' (one global jax.Array per key) or 'pmap' ([local_devices, rows, ...]).
+
+    Returns:
+      The batch placed on the devices.
+    """
     if strategy == "pmap":
         n = len(local_devices(mesh))
         sharding = NamedSharding(_local_mesh(mesh), P(AXIS))
@@ -114,7 +176,19 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, strategy: str) -> dict
 
 
 def wrap_train_step(step_fn: Callable, mesh: Mesh, strategy: str) -> Callable:
-    """step_fn(state, batch, rng) -> (state, metrics), per device, reducing over `AXIS`."""
+    """Wraps the per-device step for the mesh; the state argument is donated.
+
+    Args:
+      step_fn: (state, batch, rng) -> (state, metrics) on one device's rows, reducing over
+        `AXIS` (gradients by `lax.pmean`, batch statistics and loss sums by `lax.psum`).
+      mesh: the device mesh.
+      strategy: 'jit' or 'pmap'.
+
+    Returns:
+      (state, batch, rng) -> (state, metrics), with the state in the layout of `replicate`, the
+      batch from `shard_batch`, and the metrics (identical on every device) as one copy.
+    """
+    check_strategy(strategy)
     if strategy == "pmap":
         pmapped = jax.pmap(
             step_fn,
@@ -129,16 +203,29 @@ def wrap_train_step(step_fn: Callable, mesh: Mesh, strategy: str) -> Callable:
             return state, jax.tree.map(lambda x: x[0], metrics)
 
         return run
-    if strategy == "jit":
-        mapped = jax.shard_map(
-            step_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P())
-        )
-        return jax.jit(mapped, donate_argnums=(0,))
-    raise ValueError(f"Unknown parallel.strategy {strategy!r}; expected one of {STRATEGIES}")
+    # check_vma=False: the step's own collectives keep the state identical on every device
+    # (pmean of gradients, psum of batch statistics), as under pmap; with the varying-axes type
+    # check on, a custom_vjp whose backward returns this device's share of a replicated input's
+    # gradient (conv_ops 'fast') is rejected. Gradients still match one device
+    # (tests/test_parallel.py).
+    mapped = jax.shard_map(
+        step_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()), check_vma=False
+    )
+    return jax.jit(mapped, donate_argnums=(0,))
 
 
 def wrap_eval_step(eval_fn: Callable, mesh: Mesh, strategy: str) -> Callable:
-    """eval_fn(state, batch, rng) -> per-example outputs (batch-sharded)."""
+    """Wraps eval_fn(state, batch, rng) -> per-example outputs, split on the batch axis.
+
+    Args:
+      eval_fn: the per-device evaluation step.
+      mesh: the device mesh.
+      strategy: 'jit' or 'pmap'.
+
+    Returns:
+      The wrapped step; its outputs have the global batch as leading axis.
+    """
+    check_strategy(strategy)
     if strategy == "pmap":
         pmapped = jax.pmap(
             eval_fn, axis_name=AXIS, in_axes=(0, 0, None), devices=local_devices(mesh)
@@ -166,11 +253,14 @@ def example_ids(local_batch: int) -> jax.Array:
 
 
 def sync(name: str) -> None:
+    """Barrier across processes (nothing on one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
 
 def any_across_processes(flag: bool) -> bool:
+    """True on every process when `flag` is true on any (a collective: all processes call it at
+    the same step, so they all take the same decision there)."""
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

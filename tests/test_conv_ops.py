@@ -1,0 +1,168 @@
+"""conv_ops: the 'fast' CPU convolutions give XLA's numbers, with the same parameters."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from puseg_jax import conv_ops
+from puseg_jax.models import UNet
+
+FP32_RTOL = 1e-4
+# bf16 has an 8-bit mantissa (relative step 2^-8 = 0.004); sums of ~100-1000 rounded products,
+# accumulated in float32 by both paths but rounded differently, stay within a few steps.
+BF16_RTOL = 3e-2
+
+
+def _rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _conv_and_grads(conv, x, kernel, g):
+    y, vjp = jax.vjp(conv, x, kernel)
+    return (y, *vjp(g))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # Chunks of 64 pixels make the small test shapes take the multi-chunk (scan) path.
+    monkeypatch.setattr(conv_ops, "_CHUNK_PIXELS", 64)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 16, 16, 3, 8),  # C < K: patches of x; first-layer-like
+        (2, 12, 16, 16, 8),  # C > K: patches of the output gradient; decoder-like
+        (1, 10, 6, 5, 5),  # odd sizes, one image
+    ],
+)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_fast_conv_matches_xla_fp32(shape, chunked, monkeypatch):
+    if chunked:
+        monkeypatch.setattr(conv_ops, "_CHUNK_PIXELS", 64)
+    n, h, w, c, k = shape
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (n, h, w, c))
+    kernel = jax.random.normal(keys[1], (3, 3, c, k))
+    g = jax.random.normal(keys[2], (n, h, w, k))
+    fast = jax.jit(lambda *a: _conv_and_grads(conv_ops.conv3x3_fast, *a))(x, kernel, g)
+    ref = jax.jit(lambda *a: _conv_and_grads(conv_ops._conv_same, *a))(x, kernel, g)
+    for name, a, b in zip(("y", "dx", "dkernel"), fast, ref, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert _rel_err(a, b) < FP32_RTOL, name
+
+
+def test_fast_conv_matches_xla_bf16(small_chunks):
+    keys = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(keys[0], (2, 16, 16, 8), jnp.bfloat16)
+    kernel = jax.random.normal(keys[1], (3, 3, 8, 16), jnp.bfloat16)
+    g = jax.random.normal(keys[2], (2, 16, 16, 16), jnp.bfloat16)
+    fast = _conv_and_grads(conv_ops.conv3x3_fast, x, kernel, g)
+    ref = _conv_and_grads(conv_ops._conv_same, x, kernel, g)
+    for name, a, b in zip(("y", "dx", "dkernel"), fast, ref, strict=True):
+        assert a.dtype == jnp.bfloat16, name
+        assert _rel_err(a, b) < BF16_RTOL, name
+
+
+def test_pixel_matmul_weight_grad_chunks(small_chunks):
+    a = jax.random.normal(jax.random.key(2), (8 * 64, 6))
+    g = jax.random.normal(jax.random.key(3), (8 * 64, 10))
+    assert _rel_err(conv_ops.rows_weight_grad(a, g), a.T @ g) < FP32_RTOL
+
+
+def test_conv3x3_params_identical_between_impls():
+    x = jnp.ones((1, 8, 8, 3))
+    trees = {
+        impl: conv_ops.Conv3x3(4, impl=impl).init(jax.random.key(0), x)
+        for impl in ("xla", "fast", "auto")
+    }
+    # The tree nn.Conv(4, (3, 3), use_bias=False) makes inside Conv3x3, as before 'fast'.
+    expected = {"params": {"Conv_0": {"kernel": (3, 3, 3, 4)}}}
+    for tree in trees.values():
+        assert jax.tree.map(jnp.shape, tree) == expected
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(trees["xla"]), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["xla", "fast"])
+def test_conv_transpose_is_nn_conv_transpose(impl, small_chunks):
+    x = jax.random.normal(jax.random.key(4), (2, 8, 6, 5))
+    ref = nn.ConvTranspose(6, (2, 2), strides=(2, 2))
+    mod = conv_ops.ConvTranspose(6, impl=impl)
+    variables = ref.init(jax.random.key(5), x)
+    mine = mod.init(jax.random.key(5), x)
+    assert jax.tree.structure(mine) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A non-zero bias, so that its gradient path is exercised too.
+    variables = jax.tree.map(lambda v: v + 0.1, variables)
+
+    def loss(module, v, x):
+        return (module.apply(v, x) ** 2).sum()
+
+    y_ref, y = ref.apply(variables, x), mod.apply(variables, x)
+    assert y.shape == (2, 16, 12, 6)
+    assert _rel_err(y, y_ref) < FP32_RTOL
+    g_ref = jax.grad(loss, argnums=(1, 2))(ref, variables, x)
+    g = jax.grad(loss, argnums=(1, 2))(mod, variables, x)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        assert _rel_err(a, b) < FP32_RTOL
+
+
+def test_unet_train_step_same_with_either_impl(small_chunks):
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 2, (2, 16, 16)), jnp.int32)
+    models = {
+        impl: UNet(num_classes=2, widths=(4, 8, 16), conv_impl=impl) for impl in conv_ops.IMPLS
+    }
+    variables = models["xla"].init(jax.random.key(0), images, train=False)
+    fast_variables = models["fast"].init(jax.random.key(0), images, train=False)
+    assert jax.tree.structure(fast_variables) == jax.tree.structure(variables)
+    tx = optax.adam(1e-3)
+
+    def step(model, variables):
+        def loss_fn(params):
+            out, updates = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(out["logits"], labels)
+            return loss.mean(), updates["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        updates, _ = tx.update(grads, tx.init(variables["params"]), variables["params"])
+        return loss, grads, stats, optax.apply_updates(variables["params"], updates)
+
+    ref = jax.jit(lambda v: step(models["xla"], v))(variables)
+    fast = jax.jit(lambda v: step(models["fast"], v))(variables)
+    assert abs(float(fast[0]) - float(ref[0])) <= FP32_RTOL * abs(float(ref[0]))
+    for tree_fast, tree_ref in zip(fast[1:], ref[1:], strict=True):
+        for a, b in zip(jax.tree.leaves(tree_fast), jax.tree.leaves(tree_ref), strict=True):
+            assert _rel_err(a, b) < FP32_RTOL
+
+
+def test_resolve_impl():
+    assert conv_ops.resolve_impl("auto") == ("fast" if jax.default_backend() == "cpu" else "xla")
+    assert conv_ops.resolve_impl("xla") == "xla"
+    assert conv_ops.resolve_impl("fast") == "fast"
+    with pytest.raises(ValueError, match="Unknown conv implementation"):
+        conv_ops.resolve_impl("cudnn")
+
+
+def test_fast_rejects_other_convolutions():
+    x = jnp.ones((1, 8, 8, 3))
+    with pytest.raises(NotImplementedError):
+        nn.Conv(4, (3, 3), strides=2, conv_general_dilated=conv_ops.fast_conv_general_dilated).init(
+            jax.random.key(0), x
+        )
+    with pytest.raises(NotImplementedError):
+        nn.Conv(4, (5, 5), conv_general_dilated=conv_ops.fast_conv_general_dilated).init(
+            jax.random.key(0), x
+        )

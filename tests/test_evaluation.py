@@ -1,0 +1,361 @@
+"""Evaluation: no shortcuts (every slice predicted, images only on the devices, BatchNorm's
+running statistics), 3-D re-stacking and scoring, reports, model selection, eval-only mode."""
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import test_config as make_config
+
+PROSTATE_KWARGS = {"num_train": 2, "num_test": 2, "num_slices": 6, "size": 32}
+
+
+def _prostate_config(tfds_dir):
+    return make_config(
+        **{
+            "data.data_dir": tfds_dir,
+            "data.name": "synth_prostate",
+            "data.source_domains": ("SiteA", "SiteB"),
+            "data.target_domains": ("SiteC",),
+            "data.build_kwargs": PROSTATE_KWARGS,
+        }
+    )
+
+
+def _strict_json(path):
+    def refuse(name):
+        raise ValueError(f"{path}: non-standard JSON constant {name}")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side pieces on hand-made arrays.
+
+
+def _volume_pred(rng, cases, num_slices=5, size=24, spacing=(0.5, 0.7, 3.0)):
+    """Slices of `cases` volumes in shuffled order, as predict_split returns them."""
+    rows = []
+    for c in range(cases):
+        volume = rng.random((num_slices, size, size, 1)).astype(np.float32)
+        for s in range(num_slices):
+            rows.append((f"case{c}", s, volume[s]))
+    order = rng.permutation(len(rows))
+    return {
+        "case_id": np.array([rows[i][0] for i in order]),
+        "slice_index": np.array([rows[i][1] for i in order]),
+        "image": np.stack([rows[i][2] for i in order]),
+        "spacing": np.tile(np.asarray(spacing, np.float32), (len(rows), 1)),
+    }
+
+
+def test_group_cases_restacks_shuffled_slices():
+    from puseg_jax import evaluation
+
+    rng = np.random.default_rng(0)
+    pred = _volume_pred(rng, cases=3)
+    cases = evaluation.group_cases(pred, volumetric=True)
+    assert sorted(c for c, _ in cases) == ["case0", "case1", "case2"]
+    for case_id, idx in cases:
+        assert (pred["case_id"][idx] == case_id).all()
+        assert pred["slice_index"][idx].tolist() == list(range(5))
+    # 2-D: one case per example, in order.
+    flat = evaluation.group_cases(pred, volumetric=False)
+    assert [i.tolist() for _, i in flat] == [[i] for i in range(len(pred["case_id"]))]
+    pred["slice_index"][pred["slice_index"] == 1] = 2
+    with pytest.raises(ValueError, match="two examples of one slice"):
+        evaluation.group_cases(pred, volumetric=True)
+
+
+def test_volumes_are_post_processed_and_scored_in_3d_with_spacing():
+    from puseg_jax import evaluation, metrics
+    from puseg_jax.datasets import get_dataset_info
+
+    info = get_dataset_info("synth_prostate")
+    rng = np.random.default_rng(1)
+    pred = _volume_pred(rng, cases=1, num_slices=6)
+    d, h = 6, 24
+    gt = np.zeros((d, h, h), bool)
+    gt[1:4, 6:16, 5:15] = True
+    fg = np.zeros((d, h, h), bool)
+    fg[1:5, 7:17, 5:15] = True
+    # A blob on a slice of its own: the largest component of that slice in 2-D, but not
+    # connected to the gland in 3-D.
+    fg[5, 2:5, 2:5] = True
+    fg_prob = np.where(fg, 0.9, 0.1).astype(np.float32)
+    ((_, idx),) = evaluation.group_cases(pred, volumetric=True)
+    inverse = np.argsort(idx)  # volume slice -> example row
+    pred["probs"] = np.stack([1 - fg_prob, fg_prob], -1)[inverse]
+    pred["mask"] = gt.astype(np.int32)[inverse]
+
+    config = make_config(**{"eval.largest_component": True})
+    masks = evaluation.structure_masks(pred["probs"][idx], info, config)
+    assert masks.shape == (1, d, h, h) and not masks[0, 5].any() and masks[0, 1:5].any()
+    (row,) = evaluation.score_cases(pred, info, config, full=True)
+    # Stored spacing is (row, col, slice); a (D, H, W) volume is measured as (slice, row, col).
+    expected = metrics.compute_case_metrics(masks[0], gt, spacing=(3.0, 0.5, 0.7))
+    assert row["prostate"] == pytest.approx(expected)
+    assert row["num_slices"] == d
+    wrong_order = metrics.compute_case_metrics(masks[0], gt, spacing=(0.5, 0.7, 3.0))
+    assert row["prostate"]["asd"] != pytest.approx(wrong_order["asd"])
+
+    config.eval.largest_component = False
+    masks = evaluation.structure_masks(pred["probs"][idx], info, config)
+    assert masks[0, 5].any()
+
+
+def test_fundus_post_processing_is_the_dofe_protocol():
+    from scipy import ndimage
+
+    from puseg_jax import evaluation, metrics
+    from puseg_jax.datasets import get_dataset_info
+
+    info = get_dataset_info("synth_fundus")
+    rng = np.random.default_rng(2)
+    probs = ndimage.gaussian_filter(rng.random((32, 32, 2)), (2, 2, 0))
+    probs = (probs - probs.min()) / (probs.max() - probs.min())
+    for threshold in (0.5, 0.75):
+        config = make_config(**{"eval.threshold": threshold})
+        od, oc = metrics.postprocess_fundus(probs[..., 0], probs[..., 1], threshold, True)
+        masks = evaluation.structure_masks(probs, info, config)
+        assert np.array_equal(masks[0], od) and np.array_equal(masks[1], oc)
+        assert not (masks[1] & ~masks[0]).any()  # the cup lies in the disc
+
+
+def test_uncertainty_quality_on_known_errors():
+    from puseg_jax import evaluation
+    from puseg_jax.datasets import get_dataset_info
+
+    info = get_dataset_info("synth_prostate")
+    mask = np.zeros((2, 16, 16), np.int32)
+    mask[:, 4:12, 4:12] = 1
+    fg = np.where(mask == 1, 0.8, 0.2)
+    fg[:, 4, 4:12] = 0.3  # a misclassified boundary row
+    probs = np.stack([1 - fg, fg], -1)
+    error = (fg > 0.5) != (mask == 1)
+    pred = {"probs": probs, "mask": mask, "uncertainty": error * 0.9 + 0.05}
+    q = evaluation.uncertainty_quality(pred, info, width=2)
+    assert q["auroc_error"] == 1.0
+    assert q["error_rate"] == pytest.approx(error.mean())
+    assert q["u_boundary"] > q["u_interior"]
+    assert len(q["reliability"]["bin_counts"]) == 15
+    assert sum(q["reliability"]["bin_counts"]) == probs[..., 0].size
+
+
+def test_model_selection_refuses_target_domains():
+    from puseg_jax import evaluation
+
+    def result(role, dice):
+        return {"role": role, "structures": {"OD": {"dice": {"mean": dice}}}}
+
+    assert evaluation.mean_dice({"D1": result("source_val", 0.5), "D2": result("source_val", 0.7)})
+    with pytest.raises(ValueError, match="source_val"):
+        evaluation.mean_dice({"D1": result("source_val", 0.5), "D3": result("target", 0.9)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction through the real data path and device layout, with a stand-in network.
+
+
+def _image_only_step(label_mode):
+    """A stand-in eval step: probabilities from the image alone (foreground where it is bright)."""
+    import jax
+    import jax.numpy as jnp
+
+    def step(state, batch, rng):
+        del state, rng
+        z = batch["image"][..., :1]
+        fg = jax.nn.sigmoid(4 * z)
+        probs = jnp.concatenate([1 - fg, fg], -1) if label_mode == "softmax" else fg
+        return {"probs": probs, "uncertainty": 1 - jnp.abs(2 * fg[..., 0] - 1)}
+
+    return step
+
+
+def test_every_slice_is_predicted_from_the_image_alone(tfds_dir, tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from puseg_jax import evaluation, input_pipeline, parallel, prepare
+    from puseg_jax.datasets import get_dataset_info
+
+    config = _prostate_config(tfds_dir)
+    info = get_dataset_info("synth_prostate")
+    prepare.prepare_all(config, info)
+    mesh = parallel.create_mesh(0)
+    wrapped = parallel.wrap_eval_step(_image_only_step(info.label_mode), mesh, "jit")
+    seen = []
+
+    def spy(state, batch, rng):
+        seen.append(sorted(batch))
+        return wrapped(state, batch, rng)
+
+    state = parallel.replicate(jnp.zeros(()), mesh, "jit")
+    key = jax.random.key(0)
+    pred = evaluation.predict_split(
+        spy, state, key, config, info, tfds_dir, mesh, "jit", "SiteC", "test"
+    )
+    source = input_pipeline.load_source(info, "SiteC", "test", tfds_dir, PROSTATE_KWARGS)
+    n = len(source)
+    assert n % config.eval.batch_size  # the last batch was padded
+    assert seen == [["image"]] * -(-n // config.eval.batch_size)  # labels never reach devices
+    assert len(pred["probs"]) == n and pred["index"].tolist() == list(range(n))
+    # Whole images at the network's input size, nothing cropped to the label's extent.
+    assert pred["probs"].shape == (n, 32, 32, 2) and pred["mask"].shape == (n, 32, 32)
+    expected = {
+        (str(source[i]["case_id"], "utf-8"), int(source[i]["slice_index"])) for i in range(n)
+    }
+    assert set(zip(pred["case_id"].tolist(), pred["slice_index"].tolist(), strict=True)) == expected
+
+    # Slices without gland are predicted like any other, never zeroed.
+    fg = 1 / (1 + np.exp(-4 * pred["image"][..., 0]))
+    np.testing.assert_allclose(pred["probs"][..., 1], fg, rtol=1e-5, atol=1e-6)
+    empty = ~pred["mask"].any(axis=(1, 2))
+    assert empty.any() and (pred["probs"][empty, ..., 1] > 0.5).any()
+
+    # Volumes re-stacked and scored in 3-D, in mm; the reports of the evaluator.
+    writer = evaluation.make_writer(str(tmp_path))
+    evals = {"SiteC": {"domain": "SiteC", "split": "test", "role": "target"}}
+    (res,) = evaluation.evaluate_domains(
+        wrapped, state, key, config, info, tfds_dir, mesh, "jit", evals, str(tmp_path), 7, writer
+    ).values()
+    writer.close()
+    assert res["num_cases"] == PROSTATE_KWARGS["num_test"] and res["distance_unit"] == "mm"
+    with open(tmp_path / "eval" / "SiteC" / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["num_slices"]) for r in rows] == [PROSTATE_KWARGS["num_slices"]] * 2
+
+
+def test_batchnorm_uses_running_statistics():
+    import functools
+
+    import jax
+    import optax
+
+    from puseg_jax import parallel, train
+    from puseg_jax.datasets import get_dataset_info
+
+    config = make_config(**{"method": "erm", "parallel.num_devices": 1})
+    info = get_dataset_info(config.data.name)
+    model = train.create_model(config, info)
+    # Any parameters do; LLVM's optimisation of threefry dominates compiling a jitted init.
+    init = jax.jit(
+        functools.partial(model.init, train=False),
+        compiler_options={"xla_backend_optimization_level": 0},
+    )
+    variables = init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    # Running statistics far from any batch's own, so that using the batch's would show.
+    rng = np.random.default_rng(0)
+    stats = jax.tree.map(
+        lambda x: rng.uniform(0.5, 2.0, x.shape).astype(np.float32), variables["batch_stats"]
+    )
+    state = train.TrainState.create(
+        apply_fn=model.apply, params=variables["params"], batch_stats=stats, tx=optax.sgd(0.1)
+    )
+    mesh = parallel.create_mesh(1)
+    step = functools.partial(train.eval_step, config=config, label_mode=info.label_mode)
+    p_eval_step = parallel.wrap_eval_step(step, mesh, "jit")
+    replicated = parallel.replicate(state, mesh, "jit")
+
+    def batch_stats_step(state, batch, rng):
+        del rng
+        out, _ = state.apply_fn(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return {"probs": jax.nn.sigmoid(out["logits"])}
+
+    p_train_mode = parallel.wrap_eval_step(batch_stats_step, mesh, "jit")
+    images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
+    alone = np.repeat(images[:1], 4, axis=0)
+    key = jax.random.key(2)
+
+    def probs(fn, x):
+        return np.asarray(
+            fn(replicated, parallel.shard_batch({"image": x}, mesh, "jit"), key)["probs"]
+        )
+
+    np.testing.assert_allclose(
+        probs(p_eval_step, images)[0], probs(p_eval_step, alone)[0], atol=1e-6
+    )
+    # The same comparison in training mode (batch statistics) does tell the batches apart.
+    assert not np.allclose(probs(p_train_mode, images)[0], probs(p_train_mode, alone)[0], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained workdir: reports, selection, eval-only mode.
+
+
+def test_reports_of_the_trained_workdir(tiny_workdir):
+    from puseg_jax import evaluation
+
+    config = make_config()
+    summary = _strict_json(os.path.join(tiny_workdir, "summary.json"))
+    for name, ev in summary["evals"].items():
+        out = os.path.join(tiny_workdir, "eval", name)
+        dom = _strict_json(os.path.join(out, "summary.json"))
+        assert dom["distance_unit"] == "pixel" and dom["role"] == ev["role"]
+        for s in ("OD", "OC"):
+            sm = dom["structures"][s]
+            for m in ("dice", "hd95", "asd"):
+                assert set(sm[m]) == {"mean", "std", "median", "n"}
+                assert sm[m]["n"] == dom["num_cases"]
+            assert {"n", "n_empty_pred", "n_empty_gt"} <= set(sm)
+            assert ev[s]["dice"] == sm["dice"]["mean"]
+        assert {"ece", "brier", "nll", "auroc_error", "u_boundary", "u_interior"} <= set(
+            dom["uncertainty"]
+        )
+        with open(os.path.join(out, "per_case.csv")) as f:
+            rows = list(csv.DictReader(f))
+        assert tuple(rows[0]) == evaluation.PER_CASE_COLUMNS
+        assert len(rows) == 2 * dom["num_cases"]
+        od = [float(r["dice"]) for r in rows if r["structure"] == "OD"]
+        assert np.mean(od) == pytest.approx(dom["structures"]["OD"]["dice"]["mean"])
+        with np.load(os.path.join(out, "predictions.npz")) as z:
+            assert len(z["probability"]) == dom["num_examples"] == len(z["case_id"])
+            assert {"image", "label", "uncertainty", "slice_index"} <= set(z.files)
+    # The target is scored at the end only; periodic evaluation (model selection) sees only the
+    # source domains' validation splits.
+    with open(os.path.join(tiny_workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
+    periodic = [x for x in lines if x["step"] < config.num_train_steps]
+    assert any("eval/source_val_mean_dice" in x for x in periodic)
+    assert any("eval/Domain1/OD/dice" in x for x in periodic)
+    assert not any(k.startswith("eval/Domain3") for x in periodic for k in x)
+    final = [x for x in lines if "eval/Domain3/OD/dice" in x]
+    assert final and final[-1]["eval/Domain3/OD/dice"] == summary["evals"]["Domain3"]["OD"]["dice"]
+
+    table = evaluation.format_table([dict(summary, method="erm"), summary])
+    body = table.splitlines()[2:]
+    assert len(body) == 2 * len(summary["evals"])
+    assert [line.split("|")[1].strip() for line in body] == ["erm"] * 3 + ["ours"] * 3
+    assert body[2].split("|")[3].strip() == "target"  # targets last
+
+
+def test_eval_only_reproduces_the_final_evaluation_on_one_device(tiny_workdir, tfds_dir, tmp_path):
+    from puseg_jax import train
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(tiny_workdir, workdir)
+    shutil.rmtree(os.path.join(workdir, "eval"))
+    trained = _strict_json(os.path.join(tiny_workdir, "summary.json"))
+    config = make_config(**{"data.data_dir": tfds_dir, "parallel.num_devices": 1})
+    summary = train.evaluate_only(config, workdir)
+    assert summary["step"] == trained["step"] == config.num_train_steps
+    for name, ev in trained["evals"].items():
+        for s in ("OD", "OC"):
+            for m in ("dice", "hd95", "asd"):
+                assert summary["evals"][name][s][m] == pytest.approx(ev[s][m], abs=1e-6), (
+                    name,
+                    s,
+                    m,
+                )
+    for name in trained["evals"]:
+        assert os.path.isfile(os.path.join(workdir, "eval", name, "per_case.csv"))

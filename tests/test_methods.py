@@ -1,0 +1,104 @@
+"""Every method trains through the real train step without NaN and overfits a fixed batch."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data_builders.synthetic import generator
+from puseg_jax import input_pipeline, losses, metrics, parallel, train
+from puseg_jax.datasets import get_dataset_info
+from tests.conftest import test_config as make_config
+
+SIZE, STEPS, WIDTHS = 32, 60, (8, 16, 32)
+
+
+@pytest.fixture(scope="module")
+def fixed_batch():
+    """Eight synthetic fundus images (two domains) at 32x32, normalised as the pipeline does."""
+    images, masks = [], []
+    for i in range(8):
+        image, mask = generator.generate_fundus((5, i), ("Domain1", "Domain3")[i % 2], SIZE)
+        images.append(input_pipeline.normalize(image.astype(np.float32) / 255.0, "zscore"))
+        masks.append(mask.astype(np.int32))
+    return {"image": np.stack(images), "mask": np.stack(masks)}
+
+
+def _initial_state(config, info, model, x):
+    """A TrainState with He-normal weights drawn by NumPy from the shapes of `model.init`.
+
+    The initialisers themselves run in the end-to-end training tests; compiling them here for
+    both architectures would only add time.
+    """
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    rng = np.random.default_rng(config.seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), leaf.shape), leaf.dtype)
+        one = "scale" in name or name.endswith("['var']")
+        return jnp.ones(leaf.shape, leaf.dtype) if one else jnp.zeros(leaf.shape, leaf.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(fill, shapes)
+    return train.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=train.create_optimizer(config),
+    )
+
+
+@functools.cache
+def _predict(model):
+    """Evaluation-mode forward pass, compiled once per architecture (Linen modules hash)."""
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+@pytest.mark.parametrize("method", losses.METHODS)
+def test_method_trains_without_nan_and_overfits(method, fixed_batch):
+    config = make_config(
+        method=method,
+        num_train_steps=STEPS,
+        **{
+            "optim.learning_rate": 1e-2,
+            "data.image_size": SIZE,
+            "model.widths": WIDTHS,
+            # The method is under test here, not the convolution: XLA's own compiles fastest.
+            "model.conv_impl": "xla",
+        },
+    )
+    info = get_dataset_info(config.data.name)
+    model = train.create_model(config, info)
+    state = _initial_state(config, info, model, jnp.asarray(fixed_batch["image"][:1]))
+    mesh = parallel.create_mesh(1)
+    step = parallel.wrap_train_step(
+        functools.partial(train.train_step, config=config, label_mode=info.label_mode), mesh, "jit"
+    )
+    state = parallel.replicate(state, mesh, "jit")
+    batch = parallel.shard_batch(fixed_batch, mesh, "jit")
+    history = []
+    for _ in range(STEPS):
+        state, m = step(state, batch, jax.random.key(0))
+        history.append(jax.device_get(m))
+    assert all(bool(m["finite_loss"]) and bool(m["finite_grads"]) for m in history), method
+    first, last = float(history[0]["loss"]), float(history[-1]["loss"])
+    assert last < 0.6 * first, (method, first, last)
+    if method in ("ours", "ours_no_highlight", "entropy"):
+        assert 0.0 < float(history[-1]["mean_u"]) < 1.0
+        expected_w = 1.0 if method == "ours_no_highlight" else 1.0 + float(history[-1]["mean_u"])
+        assert float(history[-1]["mean_w"]) == pytest.approx(expected_w, rel=1e-5)
+    if method in losses.UNCERTAINTY_HEAD_METHODS:
+        assert np.isfinite(float(history[-1]["loss_unc"]))
+
+    # The fitted batch, predicted in evaluation mode (BatchNorm running statistics) from mu.
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    out = _predict(model)(variables, fixed_batch["image"])
+    probs = np.asarray(jax.nn.sigmoid(out["logits"]))
+    mask = fixed_batch["mask"]
+    dice_od = metrics.compute_dice(probs[..., 0] > 0.5, mask >= 1)
+    dice_oc = metrics.compute_dice(probs[..., 1] > 0.5, mask >= 2)
+    assert dice_od > 0.9 and dice_oc > 0.8, (method, dice_od, dice_oc)

@@ -1,0 +1,130 @@
+"""The U-Net: output heads, pinned parameter counts, norms, dropout (MC and deterministic)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from puseg_jax import models
+
+DEFAULT_WIDTHS = (32, 64, 128, 256, 512)
+FUNDUS_CPU_WIDTHS = (16, 32, 64, 128, 256)
+TEST_WIDTHS = (4, 8, 16)
+
+
+def _shapes(model, size=32, channels=3, train=False):
+    x = jnp.zeros((2, size, size, channels))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    out = jax.eval_shape(
+        lambda v: model.apply(v, x, train=train, mutable=["batch_stats"] if train else False),
+        variables,
+    )
+    return variables, out
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _count_by_hand(widths, in_channels, num_classes, logvar_channels) -> int:
+    """Two 3x3 convs (no bias) + BatchNorm (scale, bias) per block; 2x2 transposed convs with
+    bias; decoder blocks read the skip and the up-sampled maps (2 x width); 1x1 heads."""
+
+    def block(cin, c):
+        return 9 * cin * c + 2 * c + 9 * c * c + 2 * c
+
+    n, cin = 0, in_channels
+    for c in widths:
+        n += block(cin, c)
+        cin = c
+    for c in reversed(widths[:-1]):
+        n += 4 * cin * c + c + block(2 * c, c)
+        cin = c
+    return n + widths[0] * num_classes + num_classes + (widths[0] + 1) * logvar_channels
+
+
+@pytest.mark.parametrize(
+    "widths, logvar, params, stats",
+    [
+        (DEFAULT_WIDTHS, 2, 7_763_140, 5_888),
+        (DEFAULT_WIDTHS, 1, 7_763_107, 5_888),
+        (DEFAULT_WIDTHS, 0, 7_763_074, 5_888),
+        (FUNDUS_CPU_WIDTHS, 2, 1_942_628, 2_944),
+        (TEST_WIDTHS, 2, 7_564, 160),
+    ],
+)
+def test_parameter_count_is_pinned(widths, logvar, params, stats):
+    # 3 input channels (RGB fundus, or 2.5-D prostate: 3 slices), K = 2 logits.
+    model = models.UNet(num_classes=2, widths=widths, logvar_channels=logvar)
+    variables, _ = _shapes(model)
+    assert _count(variables["params"]) == params
+    assert _count(variables["params"]) == _count_by_hand(widths, 3, 2, logvar)
+    # BatchNorm running mean and variance: 2 per channel of every conv, encoder and decoder.
+    assert _count(variables["batch_stats"]) == stats
+    assert stats == 4 * (sum(widths) + sum(widths[:-1]))
+
+
+@pytest.mark.parametrize("logvar", [0, 1, 2])
+def test_heads_and_shapes(logvar):
+    model = models.UNet(num_classes=2, widths=TEST_WIDTHS, logvar_channels=logvar)
+    variables, out = _shapes(model)
+    assert out["logits"].shape == (2, 32, 32, 2) and out["logits"].dtype == jnp.float32
+    if logvar:
+        assert out["log_var"].shape == (2, 32, 32, logvar)
+        assert "log_var_head" in variables["params"]
+    else:
+        assert "log_var" not in out and "log_var_head" not in variables["params"]
+    # Encoder: len(widths) blocks; decoder: len(widths) - 1 blocks and transposed convs.
+    names = set(variables["params"])
+    assert sum(n.startswith("DoubleConv") for n in names) == 2 * len(TEST_WIDTHS) - 1
+    assert sum(n.startswith("ConvTranspose") for n in names) == len(TEST_WIDTHS) - 1
+    # bfloat16 compute still returns float32 heads (the losses need the precision).
+    bf16 = models.UNet(num_classes=2, widths=TEST_WIDTHS, logvar_channels=1, dtype=jnp.bfloat16)
+    _, out = _shapes(bf16)
+    assert out["logits"].dtype == out["log_var"].dtype == jnp.float32
+
+
+def test_group_norm_has_no_batch_stats_and_takes_any_width():
+    # Width 12 is not divisible by 8 groups: gcd(8, 12) = 4 groups are used.
+    model = models.UNet(num_classes=2, widths=(12, 24), norm="group")
+    variables, out = _shapes(model, size=16)
+    assert "batch_stats" not in variables
+    assert out["logits"].shape == (2, 16, 16, 2)
+    with pytest.raises(ValueError, match="Unknown norm"):
+        _shapes(models.UNet(num_classes=2, widths=TEST_WIDTHS, norm="layer"))
+
+
+def _params_numpy(model, x, seed=0):
+    """Random parameters without compiling the initialisers (shapes from eval_shape)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "var" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if "mean" in name or "bias" in name:
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        if "scale" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def test_dropout_is_deterministic_at_evaluation_and_random_for_mc_dropout():
+    model = models.UNet(num_classes=2, widths=TEST_WIDTHS, dropout_rate=0.5, logvar_channels=2)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
+    variables = _params_numpy(model, x)
+    apply = jax.jit(
+        lambda v, x, key, mc: model.apply(v, x, train=False, mc_dropout=mc, rngs={"dropout": key}),
+        static_argnums=3,
+    )
+    a = apply(variables, x, jax.random.key(1), False)["logits"]
+    b = apply(variables, x, jax.random.key(2), False)["logits"]
+    np.testing.assert_array_equal(a, b)
+    c = apply(variables, x, jax.random.key(1), True)["logits"]
+    d = apply(variables, x, jax.random.key(2), True)["logits"]
+    assert not np.allclose(c, d)
+    np.testing.assert_array_equal(c, apply(variables, x, jax.random.key(1), True)["logits"])

@@ -1,0 +1,349 @@
+"""Panels, inspection helpers, the `python -m puseg_jax.visualize` tool and TensorBoard images."""
+
+import glob
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import conftest
+
+# ---------------------------------------------------------------------------------------------
+# A volumetric (prostate-like) workdir without training: known predictions of 3-D cases go
+# through evaluation's own scoring and report writing, so the files have the real format.
+
+VOLUME_SOURCES, VOLUME_TARGET = ("SiteA", "SiteB"), "SiteC"
+
+
+def _volume_predictions(domain: str, num_cases: int, num_slices: int, size: int, seed: int):
+    """Predictions of `num_cases` volumes: a gland (a disc on the middle slices), softmax
+    probabilities that miss part of it, an uncertainty that is high at the boundary."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = {k: [] for k in ("image", "mask", "probs", "uncertainty", "case_id", "slice_index")}
+    for c in range(num_cases):
+        radius = size * rng.uniform(0.2, 0.3)
+        shift = rng.integers(-2, 3)
+        for z in range(num_slices):
+            inside = 0 < z < num_slices - 1
+            gt = inside & ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < radius**2)
+            # The prediction is the gland shifted sideways: a false negative and a false
+            # positive crescent, as a model unsure of the edge would produce.
+            pred_fg = np.roll(gt, shift + 1, axis=1)
+            p_fg = np.where(pred_fg, 0.85, 0.1) + rng.uniform(-0.05, 0.05, gt.shape)
+            edge = gt ^ ndimage.binary_erosion(gt)
+            out["image"].append(
+                (gt * 1.5 + rng.normal(0, 0.5, gt.shape))[..., None].astype(np.float32)
+            )
+            out["mask"].append(gt.astype(np.uint8))
+            out["probs"].append(np.stack([1 - p_fg, p_fg], -1).astype(np.float32))
+            out["uncertainty"].append(np.where(edge, 0.8, 0.1).astype(np.float32))
+            out["case_id"].append(f"{domain}_test_{c:04d}")
+            out["slice_index"].append(z)
+    pred = {k: np.asarray(v) for k, v in out.items()}
+    n = len(pred["case_id"])
+    pred["spacing"] = np.tile(np.array([0.6, 0.6, 3.0], np.float32), (n, 1))
+    pred["spacing_unit"] = np.array(["mm"] * n)
+    # Slices arrive out of order, as from a shuffled source, so re-stacking is exercised.
+    order = rng.permutation(n)
+    return {k: v[order] for k, v in pred.items()}
+
+
+def make_volume_workdir(workdir: str, num_cases: int = 3, num_slices: int = 6, size: int = 24):
+    """Writes config.json, eval/<domain>/ reports and TensorBoard events of a synthetic prostate
+    run (no checkpoint) through `evaluation`'s scoring and report writer; returns the workdir."""
+    from puseg_jax import evaluation, metrics, train
+    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.logging_utils import MetricWriter
+
+    config = conftest.test_config(
+        **{
+            "data.name": "synth_prostate",
+            "data.source_domains": VOLUME_SOURCES,
+            "data.target_domains": (VOLUME_TARGET,),
+            "eval.num_panels": 2,
+        }
+    )
+    info = get_dataset_info(config.data.name)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(json.loads(config.to_json_best_effort()), f)
+    writer = MetricWriter(workdir)
+    for k, (name, ev) in enumerate(train.resolve_evals(config).items()):
+        pred = _volume_predictions(ev["domain"], num_cases, num_slices, size, seed=k)
+        rows = evaluation.score_cases(pred, info, config, full=True)
+        res = {
+            **ev,
+            "num_examples": len(pred["case_id"]),
+            "structures": metrics.summarize_cases(rows, evaluation.SURFACE_METRICS),
+            "distance_unit": evaluation.distance_unit(pred),
+            "uncertainty": evaluation.uncertainty_quality(pred, info, config.eval.boundary_width),
+        }
+        evaluation.write_domain_reports(workdir, name, res, rows, pred, info, config, 7, writer)
+    writer.close()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def volume_workdir(tmp_path_factory) -> str:
+    return make_volume_workdir(str(tmp_path_factory.mktemp("volume_workdir")))
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard events, read without TensorFlow: TFRecord framing around Event protos.
+
+
+def read_events(tb_dir: str) -> list[tuple[int, str, str]]:
+    """(step, tag, kind) of every summary value in the event files of a folder; kind is the
+    value's oneof field ('simple_value', 'image', 'histo')."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4  # length, its CRC, the record, its CRC
+            for v in event.summary.value:
+                out.append((event.step, v.tag, v.WhichOneof("value")))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Panels.
+
+
+def test_panel_tiles_show_masks_uncertainty_and_errors():
+    from puseg_jax import visualize
+
+    h = w = 8
+    image = np.random.default_rng(0).normal(size=(h, w, 3)).astype(np.float32)
+    gt = np.zeros((2, h, w), bool)
+    gt[0, 2:6, 2:6] = True
+    pred = np.zeros((2, h, w), bool)
+    pred[0, 3:7, 2:6] = True  # row 2 missed (false negative), row 6 extra (false positive)
+    u = np.linspace(0, 1, h * w).reshape(h, w)
+    tiles = visualize.panel_tiles(image, gt, pred, u)
+    assert len(tiles) == len(visualize.TILE_TITLES) == 5
+    assert all(t.shape == (h, w, 3) and t.dtype == np.float32 for t in tiles)
+    np.testing.assert_allclose(tiles[3], visualize.heatmap(u), atol=1e-6)
+    errors = tiles[4]
+    np.testing.assert_allclose(errors[6, 3], visualize.FP_COLOUR)
+    np.testing.assert_allclose(errors[2, 3], visualize.FN_COLOUR)
+    assert errors[4, 4].max() < 0.41  # correct pixels are dimmed image
+    # Overlays change exactly the masked pixels.
+    assert not np.allclose(tiles[1][gt[0]], tiles[0][gt[0]])
+    np.testing.assert_array_equal(tiles[1][~gt[0]], tiles[0][~gt[0]])
+    panel = visualize.make_panel(image, gt, pred, u, gap=2)
+    assert panel.shape == (h, 5 * w + 4 * 2, 3)
+    np.testing.assert_array_equal(panel[:, w + 2 : 2 * w + 2], tiles[1])
+
+
+def test_case_arrays_restack_volumes_and_pick_the_largest_slice(volume_workdir):
+    from puseg_jax import evaluation, inspect_utils, metrics, visualize
+
+    wd = inspect_utils.open_workdir(volume_workdir)
+    assert wd.info.volumetric and wd.eval_names == ["SiteA", "SiteB", "SiteC"]
+    pred = inspect_utils.load_predictions(wd, "SiteC")
+    cases = evaluation.group_cases(pred, True)
+    case_id, idx = cases[0]
+    arrays = visualize.case_arrays(pred, idx, wd.info, wd.config)
+    assert arrays["gt"].shape == arrays["pred"].shape == (1, 6, 24, 24)
+    assert arrays["image"].shape == (6, 24, 24, 1) and arrays["uncertainty"].shape == (6, 24, 24)
+    # The end slices hold no gland; the re-stacked order puts them first and last.
+    assert not arrays["gt"][:, 0].any() and not arrays["gt"][:, -1].any()
+    assert 0 < visualize.representative_slice(arrays["gt"]) < 5
+    # The 3-D Dice of the shown masks is the scored one (up to float16 storage).
+    dice = metrics.compute_dice(arrays["pred"][0], arrays["gt"][0])
+    per_case = inspect_utils.load_per_case(wd, "SiteC")
+    assert dice == pytest.approx(per_case[case_id]["prostate"]["dice"], abs=1e-6)
+
+
+def test_select_cases_orders(volume_workdir):
+    from puseg_jax import inspect_utils
+
+    wd = inspect_utils.open_workdir(volume_workdir)
+    pred = inspect_utils.load_predictions(wd, "SiteA")
+    per_case = inspect_utils.load_per_case(wd, "SiteA")
+    dice = inspect_utils.mean_case_dice(per_case)
+    worst = [c for c, _ in inspect_utils.select_cases(pred, per_case, wd.info, 3, "worst")]
+    best = [c for c, _ in inspect_utils.select_cases(pred, per_case, wd.info, 2, "best")]
+    assert [dice[c] for c in worst] == sorted(dice.values())
+    assert best == worst[::-1][:2]
+    u = inspect_utils.case_uncertainty(pred, wd.info)
+    top = inspect_utils.select_cases(pred, per_case, wd.info, 1, "most_uncertain")[0][0]
+    assert u[top] == max(u.values())
+    with pytest.raises(ValueError, match="Unknown order"):
+        inspect_utils.select_cases(pred, per_case, wd.info, 1, "random")
+
+
+def test_open_workdir_errors(tmp_path, volume_workdir):
+    from puseg_jax import inspect_utils
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        inspect_utils.open_workdir(str(tmp_path))
+    copy = str(tmp_path / "copy")
+    shutil.copytree(volume_workdir, copy)
+    os.remove(os.path.join(copy, "eval", "SiteB", "predictions.npz"))
+    with pytest.raises(FileNotFoundError, match=r"\['SiteB'\].*evaluate_if_missing"):
+        inspect_utils.open_workdir(copy)
+
+
+def test_figures_of_a_volume_workdir(volume_workdir):
+    from puseg_jax import inspect_utils
+
+    wd = inspect_utils.open_workdir(volume_workdir)
+    pred = inspect_utils.load_predictions(wd, "SiteC")
+    per_case = inspect_utils.load_per_case(wd, "SiteC")
+    cases = inspect_utils.select_cases(pred, per_case, wd.info, 2, "worst")
+    fig = inspect_utils.slice_grid_figure(wd, "SiteC", pred, per_case, cases[0][0])
+    # Only the 4 slices with gland or prediction, one row of 5 tiles each.
+    assert [ax.get_ylabel().split("\n")[0] for ax in fig.axes[:20:5]] == [
+        f"slice {z}" for z in range(1, 5)
+    ]
+    assert cases[0][0] in fig.get_suptitle()
+    fig = inspect_utils.cases_figure(wd, "SiteC", pred, per_case, cases)
+    label = fig.axes[5].get_ylabel()
+    assert cases[1][0] in label and inspect_utils.dice_text(per_case, cases[1][0]) in label
+    preds = inspect_utils.load_all_predictions(wd)
+    fig = inspect_utils.boundary_histogram_figure(wd, preds)
+    # The synthetic uncertainty is 0.8 on the gland's edge and 0.1 elsewhere.
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend[1] == "elsewhere: mean 0.100" and float(legend[0].split()[-1]) > 0.2
+    assert len(inspect_utils.reliability_figure(wd).axes[0].lines) == 1 + 3
+    inspect_utils.dice_vs_uncertainty_figure(wd, {wd.path: preds})
+    table = inspect_utils.uncertainty_table(wd)
+    assert table.count("\n") == 2 + 3 - 1 and "| SiteC | target |" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def test_cli_volume_workdir_writes_slice_grids(volume_workdir, tmp_path):
+    from puseg_jax import visualize
+
+    written = visualize.main(
+        ["--workdir", volume_workdir, "--domain", "SiteC", "--out", str(tmp_path), "--cases", "2"]
+    )
+    dest = tmp_path / "SiteC"
+    assert all(os.path.dirname(p) == str(dest) for p in written)
+    names = sorted(os.path.basename(p) for p in written)
+    panels = [n for n in names if n.startswith("panel_")]
+    cases = [n.split("_", 2)[2][: -len(".png")] for n in panels]
+    assert names == sorted(["contact_sheet.png", *panels, *(f"slices_{c}.png" for c in cases)])
+    assert len(panels) == 2
+    # The same panels as evaluation wrote (the first cases, in the same order).
+    reference = os.path.join(volume_workdir, "eval", "SiteC")
+    assert panels == sorted(f for f in os.listdir(reference) if f.startswith("panel_"))
+    for panel in panels:
+        ours = np.asarray(Image.open(dest / panel)).astype(int)
+        theirs = np.asarray(Image.open(os.path.join(reference, panel))).astype(int)
+        assert ours.shape == theirs.shape
+        assert np.mean(np.abs(ours - theirs) > 2) < 0.01
+
+
+def test_cli_on_trained_workdir_matches_evaluation_panels(tiny_workdir, tmp_path):
+    from puseg_jax import visualize
+
+    out = tmp_path / "pngs"
+    written = visualize.main(
+        ["--workdir", tiny_workdir, "--out", str(out), "--cases", "2", "--compare", tiny_workdir]
+    )
+    for name in ("Domain1", "Domain2", "Domain3"):
+        files = sorted(os.listdir(out / name))
+        assert "contact_sheet.png" in files and "compare_ours_ours.png" in files
+        assert sum(f.startswith("panel_") for f in files) == 2
+    assert len(written) == 3 * 4
+    # evaluation wrote panel_0 of each domain from float32 predictions; ours come from the
+    # float16 predictions.npz and may differ on a few pixels only.
+    ref = glob.glob(os.path.join(tiny_workdir, "eval", "Domain3", "panel_0_*.png"))[0]
+    ours = out / "Domain3" / os.path.basename(ref)
+    a = np.asarray(Image.open(ref)).astype(int)
+    b = np.asarray(Image.open(ours)).astype(int)
+    assert a.shape == b.shape
+    assert np.mean(np.abs(a - b) > 2) < 0.01
+
+
+def test_cli_help_as_a_module():
+    result = subprocess.run(
+        [sys.executable, "-m", "puseg_jax.visualize", "--help"],
+        cwd=conftest.REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--workdir" in result.stdout and "--cases" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard.
+
+
+def test_tensorboard_images_and_histograms(tiny_workdir, volume_workdir):
+    final = 4  # configs/test.py: num_train_steps
+    events = read_events(os.path.join(tiny_workdir, "tb"))
+    for name in ("Domain1", "Domain2", "Domain3"):
+        assert (final, f"eval/{name}/panel_0", "image") in events
+        assert (final, f"eval/{name}/uncertainty_hist", "histo") in events
+    events = read_events(os.path.join(volume_workdir, "tb"))
+    for i in range(2):
+        assert (7, f"eval/SiteC/panel_{i}", "image") in events
+
+
+def test_write_tensorboard(tmp_path, volume_workdir):
+    from puseg_jax import inspect_utils, visualize
+    from puseg_jax.logging_utils import MetricWriter
+
+    wd = inspect_utils.open_workdir(volume_workdir)
+    pred = inspect_utils.load_predictions(wd, "SiteA")
+    writer = MetricWriter(str(tmp_path))
+    for step in (10, 20):
+        visualize.write_tensorboard(writer, step, "SiteA", pred, wd.info, wd.config, 2)
+    writer.close()
+    events = read_events(str(tmp_path / "tb"))
+    assert sorted(events) == [
+        (step, f"eval/SiteA/{tag}", kind)
+        for step in (10, 20)
+        for tag, kind in (("panel_0", "image"), ("panel_1", "image"), ("uncertainty_hist", "histo"))
+    ]
+
+
+def test_open_workdir_evaluates_the_checkpoint_when_predictions_are_missing(
+    volume_workdir, tmp_path, monkeypatch
+):
+    # train.evaluate_only itself (restore, predict, write eval/) is tested in
+    # test_evaluation.py; here the decision to call it and what it is given.
+    from puseg_jax import inspect_utils, train
+
+    copy = str(tmp_path / "wd")
+    shutil.copytree(volume_workdir, copy)
+    missing = os.path.join(copy, "eval", "SiteC", "predictions.npz")
+    os.remove(missing)
+    calls = []
+
+    def fake_evaluate_only(config, workdir):
+        calls.append((config, workdir))
+        shutil.copy(os.path.join(volume_workdir, "eval", "SiteC", "predictions.npz"), missing)
+
+    monkeypatch.setattr(train, "evaluate_only", fake_evaluate_only)
+    wd = inspect_utils.open_workdir(copy, evaluate_if_missing=True)
+    assert len(calls) == 1 and calls[0][1] == copy
+    config = calls[0][0]
+    assert config.eval.save_predictions and config.data.name == "synth_prostate"
+    assert list(config.data.target_domains) == ["SiteC"]
+    assert inspect_utils.load_predictions(wd, "SiteC")["probs"].shape[-1] == 2
+    inspect_utils.open_workdir(copy, evaluate_if_missing=True)
+    assert len(calls) == 1  # nothing missing any more
