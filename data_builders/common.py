@@ -237,13 +237,16 @@ def check_same_size(
 
 
 def resize_image(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    """[H, W, C] uint8 -> [size, size, C]: PIL bilinear (antialiased when shrinking) per channel,
-    or nearest for label masks. The input pipeline resizes with this same function."""
+    """uint8 [H, W, C] -> [size, size, C]: PIL bilinear (antialiased when shrinking) or nearest
+    for label masks. The input pipeline resizes with this same function, so a dataset stored
+    at the training size (`store_size`) gives the network the same pixels."""
     if array.shape[0] == size and array.shape[1] == size:
         return array
     resample = Image.NEAREST if nearest else Image.BILINEAR
+    if array.shape[-1] == 3:  # PIL resamples the bands of an RGB image independently
+        return np.asarray(Image.fromarray(array, "RGB").resize((size, size), resample))
     channels = [
-        np.asarray(Image.fromarray(array[..., c]).resize((size, size), resample))
+        np.asarray(Image.fromarray(array[..., c], "L").resize((size, size), resample))
         for c in range(array.shape[-1])
     ]
     return np.stack(channels, axis=-1)

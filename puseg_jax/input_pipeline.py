@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from data_builders.common import resize_image
 from puseg_jax import prepare
 from puseg_jax.datasets import DatasetInfo
 
@@ -278,11 +279,9 @@ def _pil_apply(x: np.ndarray, fn) -> np.ndarray:
 
 
 def resize(x: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    """uint8 [H, W, C] -> [size, size, C]: antialiased bilinear for images, nearest for masks."""
-    if x.shape[0] == size and x.shape[1] == size:
-        return x
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    return _pil_apply(x, lambda im: im.resize((size, size), resample))
+    """uint8 [H, W, C] -> [size, size, C]: antialiased bilinear for images, nearest for masks
+    (the builders' `resize_image`, so stored and on-the-fly resizing agree)."""
+    return resize_image(x, size, nearest)
 
 
 def random_affine(rng: np.random.Generator, aug: ml_collections.ConfigDict, size: int):

@@ -213,7 +213,7 @@ def test_target_only_domain_with_test_split(tmp_path):
 @pytest.mark.real_data
 @needs_real_data
 def test_store_size_keeps_pipeline_pixels_and_distance_unit(tmp_path):
-    from data_builders.common import resize_image
+    from puseg_jax.input_pipeline import resize
 
     config = FundusConfig(name="Domain2_small", folder="Domain2", store_size=64)
     src = build(Fundus(config=config, data_dir=str(tmp_path)), FUNDUS_DIR)["train"]
@@ -223,8 +223,8 @@ def test_store_size_keeps_pipeline_pixels_and_distance_unit(tmp_path):
         small, ref = src[i], full[i]
         assert small["image"].shape == (64, 64, 3)
         # The same resampling the input pipeline applies to the full-size image.
-        np.testing.assert_array_equal(small["image"], resize_image(ref["image"], 64, False))
-        np.testing.assert_array_equal(small["mask"], resize_image(ref["mask"], 64, True))
+        np.testing.assert_array_equal(small["image"], resize(ref["image"], 64, False))
+        np.testing.assert_array_equal(small["mask"], resize(ref["mask"], 64, True))
         # Distances stay in pixels of the released 512x512 ROI.
         np.testing.assert_allclose(small["spacing"], [8.0, 8.0, 1.0])
         assert small["domain"] == b"Domain2"
