@@ -366,6 +366,11 @@ def evaluate_domains(
         )
         if full and jax.process_index() == 0:
             write_domain_reports(workdir, name, res, rows, pred, info, config, step, writer)
+        elif jax.process_index() == 0:
+            # Periodic (source-validation) evaluations: fixed cases and the uncertainty
+            # histogram in TensorBoard, so a run can be followed while it trains.
+            visualize.write_tensorboard(writer, step, name, pred, info, config,
+                                        config.eval.num_panels)
     return results
 
 

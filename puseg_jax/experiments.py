@@ -205,10 +205,18 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     return float(v.mean()), std, int(v.size)
 
 
-def _fmt(mean: float, std: float, digits: int) -> str:
+def _fmt(mean: float, std: float, digits: int, n: int = 2) -> str:
+    """'mean ± std', or the mean alone when it comes from one value (no spread to show)."""
     if not math.isfinite(mean):
         return "n/a"
+    if n < 2:
+        return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _cell(stat: tuple[float, float, int], digits: int) -> str:
+    mean, std, n = stat
+    return _fmt(mean, std, digits, n) if n else "n/a"
 
 
 def target_eval(summary: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -400,7 +408,8 @@ def format_results(family: str, rows: list[dict[str, Any]], paired: list[dict[st
     lines = [
         f"# {family}: leave-one-domain-out results",
         "",
-        "Target-domain metrics, mean ± std over seeds (distances in the unit of each row's "
+        "Target-domain metrics, mean ± std over seeds (the value alone for one seed; "
+        "distances in the unit of each row's "
         "`unit`; HD95/ASD of an empty prediction or ground truth is the image diagonal, see "
         "puseg_jax/metrics.py). AUROC: the uncertainty map as a detector of misclassified "
         "pixels; boundary/interior: mean U within 2 px of the true boundary over mean U "
@@ -411,9 +420,9 @@ def format_results(family: str, rows: list[dict[str, Any]], paired: list[dict[st
     ]
     for r in rows:
         cells = [r["target"], r["method"], str(len(r["seeds"]))]
-        cells += [_fmt(*r["stats"][k][:2], d) for k, _, d in metric_cols]
+        cells += [_cell(r["stats"][k], d) for k, _, d in metric_cols]
         wall = r["stats"]["wall_s"]
-        cells.append(_fmt(wall[0] / 60, wall[1] / 60, 1) if wall[2] else "n/a")
+        cells.append(_fmt(wall[0] / 60, wall[1] / 60, 1, wall[2]) if wall[2] else "n/a")
         lines.append("| " + " | ".join(cells) + f" | {r['distance_unit']} |")
 
     # Mean over targets of the per-target means (each target weighs the same).
@@ -430,8 +439,7 @@ def format_results(family: str, rows: list[dict[str, Any]], paired: list[dict[st
         mine = [r for r in rows if r["method"] == m]
         cells = [m, str(len(mine))]
         for k, _, d in metric_cols:
-            mean, std, n = _mean_std([r["stats"][k][0] for r in mine])
-            cells.append(_fmt(mean, std, d) if n else "n/a")
+            cells.append(_cell(_mean_std([r["stats"][k][0] for r in mine]), d))
         lines.append("| " + " | ".join(cells) + " |")
 
     lines += ["", "## Paired comparison: ours − erm, per-case target Dice", ""]

@@ -204,7 +204,7 @@ def train_step(
 
     (loss, (aux, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, parallel.AXIS)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite_loss = jnp.isfinite(loss)
     finite_grads = jnp.isfinite(grad_norm)
     new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)

@@ -27,6 +27,10 @@ def test_config(**overrides):
     return config
 
 
+# A helper, not a test: modules that import it must not collect it.
+test_config.__test__ = False
+
+
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> str:
     """One TFDS data dir for the session (the tiny synthetic sets are built once)."""

@@ -121,6 +121,8 @@ def test_table_mode_writes_results(fake_suite, capsys):
     text = (fake_suite / "fundus" / "results.md").read_text()
     assert text in capsys.readouterr().out
     assert "| Domain1 | erm | 2 | 0.8500 ± 0.0707 |" in text
+    # One seed: no spread to show.
+    assert "| Domain3 | ours | 1 | 0.7000 | 0.5000 |" in text
     assert "| Domain1 | OD | 3 | 2 | +0.0183 |" in text
     assert "## Mean over targets" in text
     data = json.loads((fake_suite / "fundus" / "results.json").read_text())

@@ -12,7 +12,8 @@ from puseg_jax import input_pipeline, losses, metrics, parallel, train
 from puseg_jax.datasets import get_dataset_info
 from tests.conftest import test_config as make_config
 
-SIZE, STEPS, WIDTHS = 32, 60, (8, 16, 32)
+# 120 steps: every method fits the batch to Dice >= 0.99 (60 left OC at 0.73-0.98, by seed).
+SIZE, STEPS, WIDTHS = 32, 120, (8, 16, 32)
 
 
 @pytest.fixture(scope="module")
@@ -101,4 +102,4 @@ def test_method_trains_without_nan_and_overfits(method, fixed_batch):
     mask = fixed_batch["mask"]
     dice_od = metrics.compute_dice(probs[..., 0] > 0.5, mask >= 1)
     dice_oc = metrics.compute_dice(probs[..., 1] > 0.5, mask >= 2)
-    assert dice_od > 0.9 and dice_oc > 0.8, (method, dice_od, dice_oc)
+    assert dice_od > 0.95 and dice_oc > 0.9, (method, dice_od, dice_oc)

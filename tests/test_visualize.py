@@ -298,6 +298,12 @@ def test_tensorboard_images_and_histograms(tiny_workdir, volume_workdir):
     for name in ("Domain1", "Domain2", "Domain3"):
         assert (final, f"eval/{name}/panel_0", "image") in events
         assert (final, f"eval/{name}/uncertainty_hist", "histo") in events
+    # The periodic evaluation at step 2 (source validation only) shows its cases too, and
+    # the target is not evaluated before the end.
+    for name in ("Domain1", "Domain2"):
+        assert (2, f"eval/{name}/panel_0", "image") in events
+        assert (2, f"eval/{name}/uncertainty_hist", "histo") in events
+    assert not any(s == 2 and "Domain3" in tag for s, tag, _ in events)
     events = read_events(os.path.join(volume_workdir, "tb"))
     for i in range(2):
         assert (7, f"eval/SiteC/panel_{i}", "image") in events
