@@ -369,8 +369,9 @@ def evaluate_domains(
         elif jax.process_index() == 0:
             # Periodic (source-validation) evaluations: fixed cases and the uncertainty
             # histogram in TensorBoard, so a run can be followed while it trains.
-            visualize.write_tensorboard(writer, step, name, pred, info, config,
-                                        config.eval.num_panels)
+            visualize.write_tensorboard(
+                writer, step, name, pred, info, config, config.eval.num_panels
+            )
     return results
 
 
