@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.data_dir = ""  # TFDS data dir; '' = $PUSEG_DATA_DIR or <repo>/tfds_data
     d.manual_dir = ""  # the downloaded release (real datasets only)
     d.build_kwargs = ml_collections.ConfigDict()  # extra BuilderConfig fields when preparing
+    # Arguments of the builder itself, e.g. {'skip_unpaired': True} for a release with images
+    # lacking masks (ProstateSlice I2CVB); they change how a build treats defective input only.
+    d.builder_kwargs = ml_collections.ConfigDict()
     d.source_domains = ("Domain2", "Domain3", "Domain4")  # trained on
     d.target_domains = ("Domain1",)  # held out; evaluated at the end only
     d.train_split = "train"  # split of the source domains used for training
