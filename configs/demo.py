@@ -15,7 +15,9 @@ def get_config():
     config.model.widths = (8, 16, 32, 64, 128)
     config.batch_size = 16
     config.num_train_steps = 300
-    config.optim.learning_rate = 2e-3
+    # 300 steps are short: at 2e-3 Adam moves the logit bias too little for the background to
+    # become confident, so uncertainty maps are flat (source-validation ECE 0.14-0.18).
+    config.optim.learning_rate = 1e-2
     config.log_every_steps = 25
     config.eval_every_steps = 100
     config.checkpoint_every_steps = 100
