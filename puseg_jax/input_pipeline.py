@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -467,14 +468,24 @@ class EpochShuffle:
         self.num_records = num_records
         self.seed = seed
         self._cache: dict[int, np.ndarray] = {}
+        # grain reads with several threads: the cache is shared, so guard it.
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # worker processes get their own cache and lock
+        return {"num_records": self.num_records, "seed": self.seed}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["num_records"], state["seed"])
 
     def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._cache:
-            if len(self._cache) >= 4:  # threads read neighbouring epochs at most
-                self._cache.pop(min(self._cache))
-            rng = np.random.default_rng([self.seed, epoch])
-            self._cache[epoch] = rng.permutation(self.num_records)
-        return self._cache[epoch]
+        with self._lock:
+            perm = self._cache.get(epoch)
+            if perm is None:
+                if len(self._cache) >= 4:  # threads read neighbouring epochs at most
+                    self._cache.pop(min(self._cache))
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+                self._cache[epoch] = perm
+            return perm
 
     def __call__(self, position: int) -> int:
         epoch, i = divmod(int(position), self.num_records)

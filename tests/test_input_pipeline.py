@@ -206,3 +206,22 @@ def test_process_shards_concatenate_to_the_global_batch(tfds_dir):
         assert all(len(b["image"]) == config.batch_size // 2 for b in local)
         joined = {k: np.concatenate([b[k] for b in local]) for k in local[0]}
         assert _same(joined, whole[step])
+
+
+def test_epoch_shuffle_is_thread_safe_and_picklable():
+    """grain reads with several threads; a shared permutation cache must not race."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from puseg_jax.input_pipeline import EpochShuffle
+
+    shuffle = EpochShuffle(num_records=7, seed=3)
+    positions = list(range(7 * 40)) * 3
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(shuffle, positions))
+    reference = EpochShuffle(num_records=7, seed=3)
+    assert got == [reference(p) for p in positions]
+    for epoch in range(40):
+        assert sorted(got[7 * epoch : 7 * epoch + 7]) == list(range(7))
+    clone = pickle.loads(pickle.dumps(shuffle))
+    assert [clone(p) for p in range(21)] == got[:21]
