@@ -128,6 +128,31 @@ def pair_files(
     return [(k, images[k], masks[k]) for k in sorted(images.keys() & masks.keys())]
 
 
+def folder_pairs(
+    image_dir: Path, mask_dir: Path, *, skip_unpaired: bool, what: str
+) -> list[tuple[str, Path, Path]]:
+    """`pair_files` of two folders, refusing a split that ends up with no pair.
+
+    Args:
+      image_dir: folder of images.
+      mask_dir: folder of masks, paired with the images by file stem.
+      skip_unpaired: see `pair_files`.
+      what: the split and domain named in the error, e.g. "train split of domain Domain1".
+
+    Returns:
+      `(stem, image_path, mask_path)`, sorted by stem; never empty.
+    """
+    pairs = pair_files(
+        list_by_stem(image_dir),
+        list_by_stem(mask_dir),
+        skip_unpaired=skip_unpaired,
+        where=f"{image_dir} and {mask_dir}",
+    )
+    if not pairs:
+        raise DataError(f"No image/mask pairs in {image_dir} and {mask_dir}: empty {what}.")
+    return pairs
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedImage:
     """A decoded 8-bit image and, where the file can be stored as is, its PNG bytes."""

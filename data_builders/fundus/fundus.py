@@ -133,17 +133,12 @@ class Fundus(tfds.core.GeneratorBasedBuilder):
         splits = {}
         for split in config.splits:
             image_dir, mask_dir = root / split / "ROIs" / "image", root / split / "ROIs" / "mask"
-            pairs = common.pair_files(
-                common.list_by_stem(image_dir),
-                common.list_by_stem(mask_dir),
+            pairs = common.folder_pairs(
+                image_dir,
+                mask_dir,
                 skip_unpaired=self._skip_unpaired,
-                where=f"{image_dir} and {mask_dir}",
+                what=f"{split} split of domain {config.name}",
             )
-            if not pairs:
-                raise common.DataError(
-                    f"No image/mask pairs in {image_dir} and {mask_dir}: empty {split} split of "
-                    f"domain {config.name}."
-                )
             splits[split] = self._generate_examples(pairs)
         return splits
 

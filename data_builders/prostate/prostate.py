@@ -247,17 +247,12 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
         splits = {}
         for split in ("train", "test"):
             image_dir, mask_dir = root / split / "image", root / split / "mask"
-            pairs = common.pair_files(
-                common.list_by_stem(image_dir),
-                common.list_by_stem(mask_dir),
+            pairs = common.folder_pairs(
+                image_dir,
+                mask_dir,
                 skip_unpaired=self._skip_unpaired,
-                where=f"{image_dir} and {mask_dir}",
+                what=f"{split} split of site {self.builder_config.site}",
             )
-            if not pairs:
-                raise common.DataError(
-                    f"No image/mask pairs in {image_dir} and {mask_dir}: empty {split} split of "
-                    f"site {self.builder_config.site}."
-                )
             splits[split] = self._generate_examples(pairs)
         return splits
 
