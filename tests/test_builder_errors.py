@@ -56,10 +56,18 @@ def clinic_builder(data_dir: Path, **kwargs) -> Fundus:
     return fundus_builder("Clinic", data_dir, center_crop=None, **kwargs)
 
 
-def make_slice_site(manual: Path, site: str = "Clinic", slices=(0, 1)) -> Path:
+def slice_mask(gland_value: int = 0) -> np.ndarray:
+    """A ProstateSlice-style mask: a small gland (`gland_value`) on the other value of {0, 255}."""
+    mask = np.full((SIZE, SIZE), 255 - gland_value, np.uint8)
+    mask[2:5, 2:5] = gland_value
+    return mask
+
+
+def make_slice_site(
+    manual: Path, site: str = "Clinic", slices=(0, 1), gland_value: int = 0
+) -> Path:
     root = manual / site
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[2:5, 2:5] = 255
+    mask = slice_mask(gland_value)
     for split in ("train", "test"):
         for k in slices:
             write_image(
@@ -250,7 +258,40 @@ def test_slice_mask_values_outside_convention(tmp_path):
     path = write_image(root / "train/mask/07_01.png", np.eye(SIZE, dtype=np.uint8))  # 0/1 mask.
     with pytest.raises(DataError, match=r"mask values \[1\]") as error:
         build(prostate_builder("Clinic", tmp_path / "data", layout="slices"), manual)
-    assert str(path) in str(error.value) and "0 background, 255 prostate" in str(error.value)
+    assert str(path) in str(error.value) and "255 background, 0 prostate" in str(error.value)
+
+
+def test_inverted_slice_masks_are_refused(tmp_path):
+    """Masks drawn white-on-black read with the release's convention would make the gland most
+    of the image; the build refuses them and names the option that reads them."""
+    manual = tmp_path / "manual"
+    make_slice_site(manual, gland_value=255)
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError, match="slice_foreground_value=255") as error:
+        build(prostate_builder("Clinic", data_dir, layout="slices"), manual)
+    assert "Site Clinic" in str(error.value)
+    assert_nothing_written(data_dir, "prostate", "Clinic_slices")
+
+
+@pytest.mark.parametrize("gland_value", [0, 255])
+def test_slice_foreground_value_reads_either_drawing(tmp_path, gland_value):
+    manual = tmp_path / "manual"
+    make_slice_site(manual, gland_value=gland_value)
+    source = build(
+        prostate_builder(
+            "Clinic", tmp_path / "data", layout="slices", slice_foreground_value=gland_value
+        ),
+        manual,
+    )
+    expected = (slice_mask(gland_value) == gland_value).astype(np.uint8)
+    for split in ("train", "test"):
+        for i in range(len(source[split])):
+            np.testing.assert_array_equal(source[split][i]["mask"][..., 0], expected)
+
+
+def test_slice_foreground_value_must_be_0_or_255(tmp_path):
+    with pytest.raises(ValueError, match="must be 0 or 255"):
+        prostate_builder("Clinic", tmp_path, layout="slices", slice_foreground_value=1)
 
 
 def test_slice_name_must_be_case_and_slice(tmp_path):

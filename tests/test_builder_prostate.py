@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from scipy import ndimage
 
 from data_builders.common import DataError
 from data_builders.prostate import Prostate, ProstateConfig, prostate_builder
@@ -83,8 +84,16 @@ def test_real_slice_sites(slices_data_dir, site):
             stored = np.asarray(Image.open(SLICES_DIR / site / split / "image" / name))
             np.testing.assert_array_equal(e["image"][..., 0], stored)
             stored_mask = np.asarray(Image.open(SLICES_DIR / site / split / "mask" / name))
-            np.testing.assert_array_equal(e["mask"][..., 0], stored_mask // 255)
+            # The release draws the gland black (0) on white (255).
+            np.testing.assert_array_equal(e["mask"][..., 0], stored_mask == 0)
             assert set(np.unique(e["mask"])) == {0, 1}
+            # A whole gland is one compact region covering a few percent of the slice, darker or
+            # brighter than its surroundings but never most of the field of view.
+            gland = e["mask"][..., 0].astype(bool)
+            assert 0.002 < gland.mean() < 0.06
+            assert ndimage.label(gland)[1] == 1
+            ys, xs = np.nonzero(gland)
+            assert 96 < ys.mean() < 288 and 96 < xs.mean() < 288  # central part of the slice
             np.testing.assert_array_equal(e["spacing"], np.ones(3, np.float32))
             assert e["spacing_unit"] == b"pixel" and e["domain"] == f"{site}_slices".encode()
 

@@ -48,7 +48,9 @@ sites, extracted so that
   <manual_dir>/<SITE>/{train,test}/{image,mask}/<case>_<slice>.png
 
 SITE is one of RUNMC, BMC, I2CVB, UCL, BIDMC, HK (or your own site folder, see `prostate_builder`
-and docs/data.md). Masks: 0 background, 1 prostate (NIfTI) or 255 prostate (PNG).
+and docs/data.md). Masks: 0 background, 1 prostate (NIfTI); 255 background, 0 prostate (PNG,
+as in the ProstateSlice release: the gland is the small dark region; pass
+`slice_foreground_value=255` for PNG masks drawn the other way round).
 """
 
 SITE_SOURCES = {
@@ -74,8 +76,24 @@ VALIDATION_EVERY = 5
 # Image and label affines may differ by float noise written by the tools that saved them.
 AFFINE_ATOL = 1e-3
 
-SLICE_MASK_VALUE_TO_CLASS = {0: 0, 255: 1}
-SLICE_MASK_CONVENTION = "0 background, 255 prostate"
+# ProstateSlice PNG masks: 255 background, 0 prostate (checked on every site of the release:
+# the 0-valued region is one compact blob covering 0.3-4% of the slice, on the gland).
+SLICE_FOREGROUND_VALUE = 0
+
+# Whole-gland masks never cover most of an axial pelvic slice: a split whose masks do is almost
+# certainly read with the wrong foreground value, and building it would train on the inverse.
+MAX_GLAND_FRACTION = 0.5
+
+
+def slice_mask_convention(foreground_value: int) -> tuple[dict[int, int], str]:
+    """(stored value -> class, description) of two-valued PNG masks with this gland value."""
+    if foreground_value not in (0, 255):
+        raise ValueError(f"slice_foreground_value must be 0 or 255, got {foreground_value}")
+    background = 255 - foreground_value
+    return (
+        {background: 0, foreground_value: 1},
+        f"{background} background, {foreground_value} prostate",
+    )
 
 _NIFTI_IMAGE = re.compile(r"^(?P<case>.+?)\.nii(\.gz)?$")
 _NIFTI_LABEL = re.compile(r"^(?P<case>.+?)_segmentation\.nii(\.gz)?$", re.IGNORECASE)
@@ -125,12 +143,23 @@ def _registered_configs() -> list[ProstateConfig]:
 class Prostate(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the six-site prostate MRI collection (one config per site and layout)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Slices layout: the PNG masks' 0 is the prostate (1.0.0 took 255, inverting "
+        "every ProstateSlice mask); inverted-looking masks are refused.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
     BUILDER_CONFIGS = _registered_configs()
 
-    def __init__(self, *, skip_unpaired: bool = False, merge_labels: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        skip_unpaired: bool = False,
+        merge_labels: bool = False,
+        slice_foreground_value: int = SLICE_FOREGROUND_VALUE,
+        **kwargs: Any,
+    ):
         """Builder for one site and layout.
 
         Args:
@@ -139,13 +168,23 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
           merge_labels: nifti layout only: accept labels with several positive values (zonal
             labels such as 1 central gland, 2 peripheral zone) and merge them into the gland.
             Without it any label value other than 0 and 1 is an error.
+          slice_foreground_value: slices layout only: the PNG mask value of the prostate (0 in
+            the ProstateSlice release, whose background is 255); the other value of {0, 255} is
+            background. A split whose masks mark more than half of all pixels as prostate is
+            refused as inverted.
           **kwargs: `data_dir`, `config` (a name or a `ProstateConfig`), `version`.
         """
         super().__init__(**kwargs)
         self._skip_unpaired = skip_unpaired
         self._merge_labels = merge_labels
+        slice_mask_convention(slice_foreground_value)  # validates the value
+        self._slice_foreground_value = slice_foreground_value
         # Kept when pickled.
-        self._original_state.update(skip_unpaired=skip_unpaired, merge_labels=merge_labels)
+        self._original_state.update(
+            skip_unpaired=skip_unpaired,
+            merge_labels=merge_labels,
+            slice_foreground_value=slice_foreground_value,
+        )
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -271,13 +310,15 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
                 )
             seen[key] = image_path
         num_slices = Counter(case for (case, _), _, _ in parsed)
+        value_to_class, convention = slice_mask_convention(self._slice_foreground_value)
+        gland_pixels = total_pixels = 0
         for (case, index), image_path, mask_path in parsed:
             image = common.read_image(image_path, channels=1)
             stored = common.read_grey(mask_path)
             common.check_same_size(image.array, stored, image_path, mask_path)
-            mask = common.map_mask_values(
-                stored, SLICE_MASK_VALUE_TO_CLASS, mask_path, SLICE_MASK_CONVENTION
-            )
+            mask = common.map_mask_values(stored, value_to_class, mask_path, convention)
+            gland_pixels += int(mask.sum())
+            total_pixels += mask.size
             yield (
                 common.example_key(case, index),
                 {
@@ -291,6 +332,14 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
                     "spacing_unit": "pixel",
                     "domain": self.builder_config.name,
                 },
+            )
+        if total_pixels and gland_pixels > MAX_GLAND_FRACTION * total_pixels:
+            raise common.DataError(
+                f"Site {self.builder_config.site}: the masks mark "
+                f"{gland_pixels / total_pixels:.0%} of all pixels as prostate under the "
+                f"convention '{convention}'; a whole-gland mask covers a few percent of an axial "
+                f"slice, so the masks are most likely drawn the other way round: pass "
+                f"slice_foreground_value={255 - self._slice_foreground_value}."
             )
 
 
@@ -443,6 +492,7 @@ def prostate_builder(
     layout: str = "nifti",
     skip_unpaired: bool = False,
     merge_labels: bool = False,
+    slice_foreground_value: int = SLICE_FOREGROUND_VALUE,
     name: str | None = None,
 ) -> Prostate:
     """Returns the prostate builder of one site folder, registered or not.
@@ -461,6 +511,8 @@ def prostate_builder(
       skip_unpaired: skip unpaired images/masks with a warning instead of failing (needed for
         the ProstateSlice I2CVB train folder, which has one of each).
       merge_labels: nifti only, merge positive zonal label values into the gland.
+      slice_foreground_value: slices only, the PNG mask value of the prostate (0 in the
+        ProstateSlice release; 255 for masks drawn white-on-black).
       name: config name (the dataset folder under `data_dir/prostate/`).
 
     Returns:
@@ -482,5 +534,9 @@ def prostate_builder(
             name=name, site=site, layout=layout, description=f"Prostate site folder {site!r}."
         )
     return Prostate(
-        data_dir=data_dir, config=config, skip_unpaired=skip_unpaired, merge_labels=merge_labels
+        data_dir=data_dir,
+        config=config,
+        skip_unpaired=skip_unpaired,
+        merge_labels=merge_labels,
+        slice_foreground_value=slice_foreground_value,
     )
