@@ -95,6 +95,7 @@ def slice_mask_convention(foreground_value: int) -> tuple[dict[int, int], str]:
         f"{background} background, {foreground_value} prostate",
     )
 
+
 _NIFTI_IMAGE = re.compile(r"^(?P<case>.+?)\.nii(\.gz)?$")
 _NIFTI_LABEL = re.compile(r"^(?P<case>.+?)_segmentation\.nii(\.gz)?$", re.IGNORECASE)
 _SLICE_NAME = re.compile(r"^(?P<case>.+)_(?P<slice>\d+)$")
