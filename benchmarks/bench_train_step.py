@@ -80,8 +80,6 @@ def build_jax(cfg):
 
     from puseg_jax.models import UNet
 
-    if cfg.get("upconv", "model") != "model":
-        preview_conv_ops_upconv(cfg["upconv"])
     batch, height, width, in_ch, classes, widths = SHAPES[cfg["shape"]]
     dtype = jnp.bfloat16 if cfg["dtype"] == "bfloat16" else jnp.float32
     model = UNet(num_classes=classes, widths=widths, conv_impl=cfg["impl"], dtype=dtype)
@@ -124,28 +122,6 @@ def build_jax(cfg):
         return float(jax.block_until_ready(loss))
 
     return run_step, block
-
-
-def preview_conv_ops_upconv(impl):
-    """Makes `puseg_jax.models` build its 2x2 up-convolutions with `conv_ops.ConvTranspose`.
-
-    A preview of the proposed one-line change in models.py (`nn.ConvTranspose(...)` ->
-    `conv_ops.ConvTranspose(..., impl=self.conv_impl)`); the parameters are the same. Only this
-    benchmark's worker process is affected.
-    """
-    import functools
-    import types
-
-    import flax.linen as nn
-
-    from puseg_jax import conv_ops, models
-
-    if getattr(models.nn, "ConvTranspose", None) is not nn.ConvTranspose:
-        return  # models.py no longer uses nn.ConvTranspose
-    proxy = types.ModuleType("flax_linen_with_conv_ops_upconv")
-    proxy.__dict__.update(nn.__dict__)
-    proxy.ConvTranspose = functools.partial(conv_ops.ConvTranspose, impl=impl)
-    models.nn = proxy
 
 
 def jax_peak(dtype_name):
@@ -397,8 +373,6 @@ def label(cfg):
             name += " no-donate"
         if cfg.get("remat"):
             name += " remat"
-        if cfg.get("upconv", "model") != "model":
-            name += f" upconv={cfg['upconv']}"
         return name
     return {
         "torch": "PyTorch (NCHW)",
@@ -419,7 +393,6 @@ def run_shape(shape, args):
                             impl=impl,
                             donate=donate,
                             remat=args.remat,
-                            upconv=impl if args.upconv == "same" else args.upconv,
                             shape=shape,
                             dtype=args.dtype,
                             device=args.device,
@@ -538,13 +511,6 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument(
         "--donate", nargs="+", type=int, default=[1], help="JAX state donation: 1, 0 or both"
-    )
-    parser.add_argument(
-        "--upconv",
-        default="same",
-        choices=["same", "model", "xla", "fast", "auto"],
-        help="JAX 2x2 up-convolution: 'model' = as models.py builds it; otherwise preview"
-        " models.py using conv_ops.ConvTranspose with this impl ('same': --impl's)",
     )
     parser.add_argument("--remat", action="store_true", help="JAX: jax.checkpoint the loss")
     parser.add_argument("--no-peak", dest="peak", action="store_false")

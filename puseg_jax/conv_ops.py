@@ -256,6 +256,58 @@ def upconv2x2_fast(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jnp.transpose(y, (0, 1, 3, 2, 4, 5)).reshape(n, 2 * h, 2 * w, k)
 
 
+def _max_pool2x2_forward(x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    rows = x.reshape(n * (h // 2), 2, w // 2, 2 * c)  # a bitcast: row pairs, column pairs
+    pairs = jnp.maximum(rows[:, 0], rows[:, 1])
+    return jnp.maximum(pairs[..., :c], pairs[..., c:]).reshape(n, h // 2, w // 2, c)
+
+
+@jax.custom_vjp
+def _max_pool2x2_fast(x: jax.Array) -> jax.Array:
+    return _max_pool2x2_forward(x)
+
+
+def _max_pool2x2_fast_fwd(x):
+    y = _max_pool2x2_forward(x)
+    return y, (x, y)
+
+
+def _max_pool2x2_fast_bwd(residuals, g):
+    # Each output's gradient goes to the first maximum of its window in row-major order, which
+    # is what XLA's select-and-scatter (the gradient of `nn.max_pool`) does, ties included.
+    x, y = residuals
+    n, h, w, c = x.shape
+    windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
+    shape6 = (1, 1, 2, 1, 2, 1)
+    position = 2 * lax.broadcasted_iota(jnp.int32, shape6, 2) + lax.broadcasted_iota(
+        jnp.int32, shape6, 4
+    )
+    is_max = windows == y[:, :, None, :, None, :]
+    first = jnp.min(jnp.where(is_max, position, 4), axis=(2, 4))
+    dx = jnp.where(position == first[:, :, None, :, None, :], g[:, :, None, :, None, :], 0)
+    return (dx.reshape(n, h, w, c).astype(x.dtype),)
+
+
+_max_pool2x2_fast.defvjp(_max_pool2x2_fast_fwd, _max_pool2x2_fast_bwd)
+
+
+def max_pool2x2(x: jax.Array, impl: str = "xla") -> jax.Array:
+    """2x2 stride-2 max pooling of NHWC `x` (H and W even), `nn.max_pool(x, (2, 2), (2, 2))`.
+
+    'fast' gives the same values and the same gradient (to the first maximum of each window, as
+    XLA does) but computes the gradient as one elementwise pass instead of XLA's CPU
+    select-and-scatter, which took ~6% of a prostate train step (8x384x384x32: 615 ms against
+    135 ms, forward and backward).
+    """
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
+    if x.shape[1] % 2 or x.shape[2] % 2:
+        raise NotImplementedError(f"max_pool2x2 'fast' needs even H and W, got {x.shape}")
+    return _max_pool2x2_fast(x)
+
+
 class ConvTranspose(nn.Module):
     """2x2 stride-2 'SAME' transposed convolution with bias: `nn.ConvTranspose`'s replacement.
 

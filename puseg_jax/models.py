@@ -129,10 +129,12 @@ class UNet(nn.Module):
         for width in self.widths[:-1]:
             x = DoubleConv(width, **block)(x, train)
             skips.append(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = conv_ops.max_pool2x2(x, impl=self.conv_impl)
         x = DoubleConv(self.widths[-1], **block)(x, train)
         for width, skip in zip(reversed(self.widths[:-1]), reversed(skips), strict=False):
-            x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+            x = conv_ops.ConvTranspose(
+                width, (2, 2), strides=(2, 2), dtype=self.dtype, impl=self.conv_impl
+            )(x)
             x = jnp.concatenate([x, skip], axis=-1)
             x = DoubleConv(width, **block)(x, train)
             if self.dropout_rate > 0:

@@ -112,6 +112,33 @@ def test_conv_transpose_is_nn_conv_transpose(impl, small_chunks):
         assert _rel_err(a, b) < FP32_RTOL
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_fast_is_nn_max_pool_with_ties(dtype):
+    """Same values and bit-identical gradient, ties included: a ReLU output is mostly zeros,
+    so whole windows tie, and the gradient must go to the first maximum as in XLA."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.maximum(rng.integers(-2, 3, (2, 6, 8, 5)), 0), dtype)
+    weights = jnp.asarray(rng.standard_normal((2, 3, 4, 5)), dtype)
+
+    def loss(pool, x):
+        return (pool(x).astype(jnp.float32) * weights).sum()
+
+    def ref_pool(x):
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+    def fast_pool(x):
+        return conv_ops.max_pool2x2(x, impl="fast")
+
+    np.testing.assert_array_equal(jax.jit(fast_pool)(x), jax.jit(ref_pool)(x))
+    g_ref = jax.jit(jax.grad(lambda x: loss(ref_pool, x)))(x)
+    g = jax.jit(jax.grad(lambda x: loss(fast_pool, x)))(x)
+    assert float((x == 0).mean()) > 0.5  # many tied windows
+    np.testing.assert_array_equal(g, g_ref)
+    assert conv_ops.max_pool2x2(x, impl="xla").shape == (2, 3, 4, 5)
+    with pytest.raises(NotImplementedError, match="even H and W"):
+        conv_ops.max_pool2x2(x[:, :5], impl="fast")
+
+
 def test_unet_train_step_same_with_either_impl(small_chunks):
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
