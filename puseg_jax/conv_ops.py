@@ -1,4 +1,4 @@
-"""3x3 convolution used by the U-Net, with a backend-selected implementation.
+"""The U-Net's convolutions and pooling, with a backend-selected implementation.
 
 `impl='xla'` is Flax's `nn.Conv` as is: XLA's native convolution and its native gradients. It is
 the right choice on GPU and TPU.
@@ -18,6 +18,12 @@ matrix product with a small output and a huge contraction is badly parallelised 
 9x-inflated patch matrix through memory. Cutting the rows into chunks of about
 `_CHUNK_PIXELS` pixels keeps each chunk's patch matrix in cache and brings the weight gradient to
 about the time of the forward pass. `benchmarks/README.md` has the numbers of each formulation.
+
+The same `impl` switch selects the other two CPU replacements the U-Net uses: `ConvTranspose`
+(the 2x2 stride-2 up-convolution as a per-pixel matrix product, whose weight gradient XLA's CPU
+emitter runs naively as a dilated convolution) and `max_pool2x2` (the 2x2 max-pool whose
+gradient is one elementwise pass instead of XLA's CPU select-and-scatter). Each gives XLA's
+numbers (the max-pool bit for bit, the others within float32 rounding).
 
 `impl='auto'` picks 'fast' on the CPU backend and 'xla' elsewhere.
 
