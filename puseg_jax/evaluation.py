@@ -501,11 +501,9 @@ def write_domain_reports(
             spacing=pred["spacing"],
             spacing_unit=pred["spacing_unit"].astype(str),
         )
-    panels = visualize.panels_for_domain(pred, rows, info, config, config.eval.num_panels)
-    for i, (case_id, panel) in enumerate(panels):
-        visualize.save_png(panel, os.path.join(out, f"panel_{i}_{case_id}.png"))
-        writer.image(step, f"eval/{name}/panel_{i}", panel)
-    writer.histogram(step, f"eval/{name}/uncertainty_hist", pred["uncertainty"])
+    visualize.write_tensorboard(
+        writer, step, name, pred, info, config, config.eval.num_panels, png_dir=out
+    )
 
 
 # ---------------------------------------------------------------------------------------------

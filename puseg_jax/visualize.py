@@ -162,9 +162,19 @@ def panels_for_domain(pred, rows, info, config, num: int) -> list[tuple[str, np.
     return out
 
 
-def write_tensorboard(writer, step: int, name: str, pred, info, config, num: int) -> None:
+def write_tensorboard(
+    writer,
+    step: int,
+    name: str,
+    pred,
+    info,
+    config,
+    num: int,
+    png_dir: str | None = None,
+) -> None:
     """TensorBoard images of the first `num` cases (fixed, so steps are comparable) and the
-    histogram of the uncertainty of every pixel of the split.
+    histogram of the uncertainty of every pixel of the split; with `png_dir`, the same panels
+    also as `panel_<i>_<case_id>.png` files there.
 
     Args:
       writer: a `logging_utils.MetricWriter`.
@@ -175,8 +185,11 @@ def write_tensorboard(writer, step: int, name: str, pred, info, config, num: int
       info: the dataset's `DatasetInfo`.
       config: the run's config.
       num: number of cases shown.
+      png_dir: also save the panels as PNG files in this folder.
     """
-    for i, (_, panel) in enumerate(panels_for_domain(pred, None, info, config, num)):
+    for i, (case_id, panel) in enumerate(panels_for_domain(pred, None, info, config, num)):
+        if png_dir is not None:
+            save_png(panel, os.path.join(png_dir, f"panel_{i}_{case_id}.png"))
         writer.image(step, f"eval/{name}/panel_{i}", panel)
     writer.histogram(step, f"eval/{name}/uncertainty_hist", pred["uncertainty"])
 
