@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2  # last N kept (the source-validation best is kept apart)
     config.model_selection = "last"  # checkpoint reported: last | source_val (best source Dice)
     config.init_from = ""  # checkpoint dir to initialise params from when the workdir is empty
+    # Resuming a checkpoint written with a config that differs in a field that changes the
+    # computation is an error (puseg_jax/config_diff.py); True resumes anyway (rare, deliberate).
+    config.allow_config_change = False
 
     config.eval = e = ml_collections.ConfigDict()
     e.batch_size = 16  # global evaluation batch (padded, nothing dropped)

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from puseg_jax import (
     checkpointing,
+    config_diff,
     evaluation,
     input_pipeline,
     losses,
@@ -94,7 +95,45 @@ def validate_config(config: ml_collections.ConfigDict) -> DatasetInfo:
         raise ValueError(f"Unknown nan_policy {config.nan_policy!r}")
     if config.eval.uncertainty == "mc_dropout" and config.model.dropout_rate <= 0:
         raise ValueError("eval.uncertainty='mc_dropout' needs model.dropout_rate > 0")
+    validate_evals(resolve_evals(config), config)
     return info
+
+
+EVAL_ROLES = ("source_val", "target")
+
+
+def validate_evals(evals: dict[str, dict], config: ml_collections.ConfigDict) -> None:
+    """Refuses evaluators whose role does not match the config's domains.
+
+    A 'source_val' evaluator may only read a source domain (its results may choose the
+    checkpoint) and a 'target' evaluator only a held-out domain: a config whose domains were
+    overridden on the command line while an explicit `config.evals` kept the old roles would
+    otherwise select on the target or report a source as the target.
+    """
+    sources, targets = set(config.data.source_domains), set(config.data.target_domains)
+    for name, ev in evals.items():
+        missing = {"domain", "split", "role"} - set(ev)
+        if missing:
+            raise ValueError(f"Evaluator {name!r} lacks {sorted(missing)} (config.evals.{name})")
+        role, domain = ev["role"], ev["domain"]
+        if role not in EVAL_ROLES:
+            raise ValueError(
+                f"Evaluator {name!r} has unknown role {role!r}; expected one of {EVAL_ROLES}"
+            )
+        if role == "source_val" and domain not in sources:
+            raise ValueError(
+                f"Evaluator {name!r} has role 'source_val' on {domain!r}, which is not a source "
+                f"domain {sorted(sources)}: only sources may validate (and choose checkpoints). "
+                "Fix config.evals or leave it empty to derive it from data.source_domains and "
+                "data.target_domains."
+            )
+        if role == "target" and domain not in targets:
+            where = "a source domain" if domain in sources else "not a target domain"
+            raise ValueError(
+                f"Evaluator {name!r} has role 'target' on {domain!r}, which is {where} "
+                f"(targets {sorted(targets)}). Fix config.evals or leave it empty to derive it "
+                "from data.source_domains and data.target_domains."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,16 +319,32 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
+def check_resume_config(saved: dict, current: dict, allow_change: bool) -> list[str]:
+    """Compares the config a checkpoint was written with to this run's.
+
+    Args:
+      saved: the checkpoint's config (JSON).
+      current: this run's config (JSON).
+      allow_change: `config.allow_config_change`: resume anyway (the changes are printed).
+
+    Returns:
+      Every differing field, incidental ones included (`config_diff.INCIDENTAL_FIELDS`).
+
+    Raises:
+      ValueError: a field that changes the computation differs and `allow_change` is False:
+        resuming would silently mix two experiments in one workdir.
+    """
+    changes = config_diff.changed_fields(saved, current)
+    computational = config_diff.computational_changes(saved, current)
+    if computational and not allow_change:
+        raise ValueError(
+            "The workdir holds a checkpoint written with another config; resuming would mix two "
+            "experiments. Fields that change the computation:\n  "
+            + "\n  ".join(computational)
+            + "\nUse a new workdir, or pass --config.allow_config_change=True if this is "
+            "intended."
+        )
+    return changes
 
 
 def _check_finite(pending: list, nan_policy: str, counters: dict) -> None:
@@ -336,6 +391,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evals = resolve_evals(config)
     is_chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    cfg_json = _config_json(config)
+    ckpts = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
+    latest = ckpts.latest_step()
+    # Before anything is written or compiled: a workdir is one experiment.
+    changes = []
+    if latest is not None:
+        try:
+            saved = ckpts.restore_json(latest, "config")
+            changes = check_resume_config(saved, cfg_json, config.allow_config_change)
+        except BaseException:
+            ckpts.close()
+            raise
     if is_chief:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(_config_json(config), f, indent=2)
@@ -348,20 +415,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
     host_state = create_train_state(config, info, model, init_rng)
     writer = evaluation.make_writer(workdir)
-    ckpts = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
-    cfg_json = _config_json(config)
     replicated = NamedSharding(mesh, P())
 
     # ---- restore ----------------------------------------------------------------------------
     counters = {"skipped_steps": 0}
     data_state = None
-    latest = ckpts.latest_step()
     if latest is not None:
         # Whatever device count wrote it: the state is read straight into this run's layout.
         host_state, extra = ckpts.restore(latest, host_state, replicated)
         data_state, counters = extra["data_state"], extra["counters"]
         print(f"[train] resumed from {workdir} at step {latest} (data {data_state})", flush=True)
-        changes = _config_changes(ckpts.restore_json(latest, "config"), cfg_json)
         if changes:
             print(f"[train] config differs from the checkpoint's: {'; '.join(changes)}", flush=True)
     elif config.init_from:

@@ -9,14 +9,12 @@ from PIL import Image
 
 from data_builders.fundus import Fundus, FundusConfig, fundus_builder
 from data_builders.fundus.fundus import center_crop_window
+from tests.conftest import SHARED_DATA
 
 tfds.disable_progress_bar()
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
 FUNDUS_DIR = SHARED_DATA / "fundus"
-needs_real_data = pytest.mark.skipif(
-    not FUNDUS_DIR.is_dir(), reason=f"real data folder {FUNDUS_DIR} is absent"
-)
 
 # (train, test) counts of the shared copy, as in its README.
 EXPECTED_COUNTS = {
@@ -64,7 +62,6 @@ def fundus_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.real_data
-@needs_real_data
 @pytest.mark.parametrize("domain", sorted(EXPECTED_COUNTS))
 def test_real_domain_counts_and_features(fundus_data_dir, domain):
     sources = tfds.data_source(f"fundus/{domain}", data_dir=fundus_data_dir, decoders=SKIP_IMAGE)
@@ -85,7 +82,6 @@ def test_real_domain_counts_and_features(fundus_data_dir, domain):
 
 
 @pytest.mark.real_data
-@needs_real_data
 @pytest.mark.parametrize("domain", sorted(EXPECTED_COUNTS))
 def test_real_domain_pixels_match_files(fundus_data_dir, domain):
     """Image pixels are stored unchanged; OD = stored value < 255 and OC = stored value 0."""
@@ -104,7 +100,6 @@ def test_real_domain_pixels_match_files(fundus_data_dir, domain):
 
 
 @pytest.mark.real_data
-@needs_real_data
 def test_real_800_roi_is_cropped_to_the_shared_512_copy(tmp_path):
     """A DoFE 800x800 ROI crops to [144:656, 144:656], identical to the 512x512 copy."""
     name = "G-1-L"
@@ -211,7 +206,6 @@ def test_target_only_domain_with_test_split(tmp_path):
 
 
 @pytest.mark.real_data
-@needs_real_data
 def test_store_size_keeps_pipeline_pixels_and_distance_unit(tmp_path):
     from puseg_jax.input_pipeline import resize
 

@@ -18,18 +18,13 @@ from data_builders.prostate.prostate import (
     normalize_intensity,
     split_cases,
 )
+from tests.conftest import SHARED_DATA
 
 tfds.disable_progress_bar()
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
 SLICES_DIR = SHARED_DATA / "prostate_slices"
 NIFTI_CASE = SHARED_DATA / "prostate_nifti" / "promise12_case00"
-needs_slices = pytest.mark.skipif(
-    not SLICES_DIR.is_dir(), reason=f"real data folder {SLICES_DIR} is absent"
-)
-needs_nifti = pytest.mark.skipif(
-    not NIFTI_CASE.is_dir(), reason=f"real data folder {NIFTI_CASE} is absent"
-)
 SITES = list(SITE_SOURCES)
 
 
@@ -68,7 +63,6 @@ def slices_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.real_data
-@needs_slices
 @pytest.mark.parametrize("site", SITES)
 def test_real_slice_sites(slices_data_dir, site):
     sources = tfds.data_source(f"prostate/{site}_slices", data_dir=slices_data_dir)
@@ -99,7 +93,6 @@ def test_real_slice_sites(slices_data_dir, site):
 
 
 @pytest.mark.real_data
-@needs_slices
 def test_real_i2cvb_slices_fail_without_skip_unpaired(tmp_path):
     with pytest.raises(DataError, match="skip_unpaired=True") as error:
         build(prostate_builder("I2CVB", tmp_path, layout="slices"), SLICES_DIR)
@@ -128,7 +121,6 @@ def nifti_site(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.real_data
-@needs_nifti
 def test_real_nifti_case_slices_labels_spacing(nifti_site):
     manual, data_dir = nifti_site
     sources = tfds.data_source("prostate/UCL", data_dir=data_dir)
@@ -160,7 +152,6 @@ def test_real_nifti_case_slices_labels_spacing(nifti_site):
 
 
 @pytest.mark.real_data
-@needs_nifti
 def test_real_nifti_no_patient_in_two_splits(nifti_site):
     _, data_dir = nifti_site
     sources = tfds.data_source("prostate/UCL", data_dir=data_dir)

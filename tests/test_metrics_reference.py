@@ -12,18 +12,15 @@ import pytest
 from scipy import ndimage
 
 from puseg_jax import metrics
+from tests.conftest import SHARED_DATA as DATA_DIR
 
 medpy_binary = pytest.importorskip(
     "medpy.metric.binary", reason="medpy is the reference for HD95/ASSD (pip install medpy==0.5.2)"
 )
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
 TOLERANCE = 1e-6
 NUM_FUNDUS_MASKS = 10
-
-needs_data = pytest.mark.skipif(
-    not DATA_DIR.is_dir(), reason=f"real data not found at {DATA_DIR} (../shared/data)"
-)
 
 
 def _random_blob(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -121,7 +118,6 @@ def _load_png_mask(path: Path) -> np.ndarray:
 
 
 @pytest.mark.real_data
-@needs_data
 def test_real_fundus_masks_agree_with_medpy():
     paths = sorted(DATA_DIR.glob("fundus/Domain*/*/ROIs/mask/*.png"))
     assert len(paths) >= NUM_FUNDUS_MASKS, f"expected fundus masks under {DATA_DIR / 'fundus'}"
@@ -137,7 +133,6 @@ def test_real_fundus_masks_agree_with_medpy():
 
 
 @pytest.mark.real_data
-@needs_data
 def test_real_prostate_slice_masks_agree_with_medpy():
     paths = sorted(DATA_DIR.glob("prostate_slices/*/*/mask/*.png"))
     assert paths, f"expected prostate slice masks under {DATA_DIR / 'prostate_slices'}"
@@ -152,7 +147,6 @@ def test_real_prostate_slice_masks_agree_with_medpy():
 
 
 @pytest.mark.real_data
-@needs_data
 def test_real_nifti_label_agrees_with_medpy():
     nibabel = pytest.importorskip("nibabel", reason="nibabel reads the NIfTI label")
     path = DATA_DIR / "prostate_nifti" / "promise12_case00" / "Case00_segmentation.nii.gz"
