@@ -18,7 +18,9 @@ Empty-mask convention (per structure and case, never NaN):
   prediction that finds it.
 
 Per-case results carry ``empty_pred`` and ``empty_gt`` flags so that summaries count such cases
-instead of dropping them.
+instead of dropping them. Stacks of slices without a slice distance
+(``compute_slicewise_metrics``) apply the convention per slice, average HD95/ASD over the slices
+where either mask is non-empty, and count the slices that were missed or hallucinated.
 """
 
 from __future__ import annotations

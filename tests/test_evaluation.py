@@ -570,3 +570,71 @@ def test_eval_only_reproduces_the_final_evaluation_on_one_device(tiny_workdir, t
                 )
     for name in trained["evals"]:
         assert os.path.isfile(os.path.join(workdir, "eval", name, "per_case.csv"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A real NIfTI volume, scored on its original grid.
+
+
+def test_nifti_cases_are_scored_on_their_original_grid(shared_data, tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import nibabel as nib
+    import tensorflow_datasets as tfds
+
+    from data_builders.prostate import prostate_builder
+    from data_builders.prostate.prostate import display_to_file, load_nifti_pair
+    from puseg_jax import evaluation, input_pipeline, metrics, parallel
+    from puseg_jax.datasets import get_dataset_info
+
+    # The PROMISE12 case (128x128x64 voxels) as a one-case site: stored as 64 slices of
+    # 384x384, predicted at 32x32, scored on 64 slices of 128x128 in mm.
+    case = shared_data / "prostate_nifti" / "promise12_case00"
+    site = tmp_path / "manual" / "UCL"
+    site.mkdir(parents=True)
+    for f in ("Case00.nii.gz", "Case00_segmentation.nii.gz"):
+        (site / f).symlink_to(case / f)
+    data_dir = str(tmp_path / "tfds")
+    prostate_builder("UCL", data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual")),
+        file_format="array_record",
+    )
+    config = make_config(
+        **{"data.name": "prostate", "data.build_kwargs": {}, "data.context_slices": 1}
+    )
+    info = get_dataset_info("prostate")
+    mesh = parallel.create_mesh(0)
+    step = parallel.wrap_eval_step(_image_only_step(info.label_mode), mesh, "jit")
+    state = parallel.replicate(jnp.zeros(()), mesh, "jit")
+    pred = evaluation.predict_split(
+        step, state, jax.random.key(0), config, info, data_dir, mesh, "jit", "UCL", "train"
+    )
+    assert pred["probs"].shape == (64, 32, 32, 2) and pred["mask"].shape == (64, 32, 32)
+    assert (pred["native_shape"] == 128).all()
+
+    ((case_id, idx),) = evaluation.group_cases(pred, volumetric=True)
+    probs, mask, spacing = evaluation.scored_case(pred, idx, info, "native")
+    _, labels, zooms = load_nifti_pair(case / "Case00.nii.gz", case / "Case00_segmentation.nii.gz")
+    assert probs.shape == (64, 128, 128, 2)
+    np.testing.assert_array_equal(mask, labels.transpose(2, 0, 1))  # the unresized label
+    np.testing.assert_allclose(spacing, [zooms[2], zooms[0], zooms[1]], rtol=1e-6)  # mm
+
+    res, (row,) = evaluation.score_split(
+        pred, info, config, {"domain": "UCL", "split": "train", "role": "target"}, step=1
+    )
+    assert (res["distance"], res["distance_unit"]) == ("3-D, mm", "mm")
+    pm = evaluation.structure_masks(probs, info, config)[0]
+    expected = metrics.compute_case_metrics(pm, mask == 1, spacing)
+    assert row["prostate"] == pytest.approx(expected)
+    assert row["num_slices"] == 64
+    # The prediction maps back onto the file's own voxel grid, voxel for voxel.
+    image = nib.load(case / "Case00.nii.gz")
+    back = display_to_file(np.moveaxis(pm, 0, -1), image)
+    assert back.shape == image.shape
+    file_label = np.asarray(nib.load(case / "Case00_segmentation.nii.gz").dataobj) > 0
+    np.testing.assert_array_equal(display_to_file(labels, image) > 0, file_label)
+
+    # Training reads no native mask: its PNG stays undecoded.
+    reader = input_pipeline.make_reader(info, config, "UCL", "train", data_dir)
+    assert "native_mask" not in reader(0)
+    assert isinstance(reader.source[0]["native_mask"], bytes)
