@@ -284,7 +284,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         units = set()
         for r in group:
             _, ev = target_eval(r["summary"])
-            units.add(ev.get("distance_unit"))
+            # How distances were measured (grid, geometry, unit); older runs name the unit only.
+            units.add(ev.get("distance", ev.get("distance_unit")))
             for s in structures:
                 for m in ("dice", "hd95", "asd"):
                     values.setdefault(f"{s}/{m}", []).append(ev[s].get(m))
