@@ -132,16 +132,11 @@ def predict_split(
       `eval.resolution='native'` 'native_mask': an object array of N uint8 class masks, each
       on its example's native grid (sizes may differ between examples).
     """
-    keys = _PRED_KEYS + ("native_mask",) * (scoring_resolution(config) == "native")
+    native = scoring_resolution(config) == "native"
+    keys = _PRED_KEYS + (("native_mask",) if native else ())
     out: dict[str, list] = {k: [] for k in keys + ("probs", "uncertainty")}
     batches = input_pipeline.eval_batches(
-        info,
-        config,
-        domain,
-        split,
-        data_dir,
-        config.eval.batch_size,
-        native_masks="native_mask" in keys,
+        info, config, domain, split, data_dir, config.eval.batch_size, native_masks=native
     )
     for i, batch in enumerate(batches):
         valid = batch["valid"]
