@@ -90,7 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
     e.num_samples = 10  # draws for the uncertainty map at evaluation
     e.save_predictions = True  # eval/<domain>/predictions.npz for the notebook
     e.num_panels = 4  # PNG panels per evaluated domain
-    e.boundary_width = 2  # pixels, band for boundary/interior uncertainty
+    e.boundary_width = 2  # pixels of the scored grid, band for boundary/interior uncertainty
+    e.resolution = "native"  # score on: native (released/original grid) | network (input grid)
 
     # Named evaluators, filled by `puseg_jax.train.resolve_evals` when left empty:
     # {name: {domain, split, role}} with role 'target' or 'source_val'.

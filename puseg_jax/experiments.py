@@ -392,7 +392,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         units, resolutions = set(), set()
         for r in group:
             _, ev = target_eval(r["summary"])
-            units.add(ev.get("distance_unit"))
+            # How distances were measured (grid, geometry, unit); older runs name the unit only.
+            units.add(ev.get("distance", ev.get("distance_unit")))
             resolutions.add(ev.get("resolution", "network"))
             for s in structures:
                 for m in ("dice", "hd95", "asd"):
@@ -624,9 +625,9 @@ def format_results(
         "",
         f"Scored at resolution: {', '.join(resolutions)} ('native': probabilities resampled to "
         "the released grid before thresholding and scoring; 'network': at the network's input "
-        "size). Mean ± std over seeds (the value alone for one seed); distances in each row's "
-        "`unit`; HD95/ASD of an empty prediction or ground truth is the image diagonal (see "
-        "puseg_jax/metrics.py).",
+        "size). Mean ± std over seeds (the value alone for one seed); how distances were "
+        "measured is in each row's `distances` column; HD95/ASD of an empty prediction or "
+        "ground truth is the image diagonal (see puseg_jax/metrics.py).",
         "",
         "## Source validation (the sources' held-out split; what choices are made on)",
         "",
@@ -639,7 +640,8 @@ def format_results(
         cells = [r["target"], r["variant"], str(len(r["seeds"]))]
         cells += [_cell(r["stats"].get(k, (math.nan, 0, 0)), d) for k, _, d in val_cols]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["target", "variant", "seeds"] + [c[1] for c in metric_cols] + ["wall (min)", "unit"]
+    head = ["target", "variant", "seeds"] + [c[1] for c in metric_cols]
+    head += ["wall (min)", "distances"]
     lines += [
         "",
         "## Target domain (reported, never used for a choice)",

@@ -95,6 +95,12 @@ def validate_config(config: ml_collections.ConfigDict) -> DatasetInfo:
         raise ValueError(f"Unknown nan_policy {config.nan_policy!r}")
     if config.eval.uncertainty == "mc_dropout" and config.model.dropout_rate <= 0:
         raise ValueError("eval.uncertainty='mc_dropout' needs model.dropout_rate > 0")
+    if config.eval.get("resolution", "native") not in evaluation.RESOLUTIONS:
+        raise ValueError(
+            f"Unknown eval.resolution {config.eval.resolution!r}; expected one of "
+            f"{evaluation.RESOLUTIONS} (native: the released images' or volumes' own grid; "
+            "network: the network's input grid, as before)"
+        )
     validate_evals(resolve_evals(config), config)
     return info
 

@@ -52,6 +52,12 @@ def _volume_predictions(domain: str, num_cases: int, num_slices: int, size: int,
     n = len(pred["case_id"])
     pred["spacing"] = np.tile(np.array([0.6, 0.6, 3.0], np.float32), (n, 1))
     pred["spacing_unit"] = np.array(["mm"] * n)
+    # The network's grid is the native one here.
+    pred["native_shape"] = np.tile(np.array([size, size], np.int32), (n, 1))
+    pred["native_spacing"] = pred["spacing"]
+    pred["native_mask"] = np.empty(n, object)
+    for i, m in enumerate(pred["mask"]):
+        pred["native_mask"][i] = m
     # Slices arrive out of order, as from a shuffled source, so re-stacking is exercised.
     order = rng.permutation(n)
     return {k: v[order] for k, v in pred.items()}
@@ -60,7 +66,7 @@ def _volume_predictions(domain: str, num_cases: int, num_slices: int, size: int,
 def make_volume_workdir(workdir: str, num_cases: int = 3, num_slices: int = 6, size: int = 24):
     """Writes config.json, eval/<domain>/ reports and TensorBoard events of a synthetic prostate
     run (no checkpoint) through `evaluation`'s scoring and report writer; returns the workdir."""
-    from puseg_jax import evaluation, metrics, train
+    from puseg_jax import evaluation, train
     from puseg_jax.datasets import get_dataset_info
     from puseg_jax.logging_utils import MetricWriter
 
@@ -79,14 +85,7 @@ def make_volume_workdir(workdir: str, num_cases: int = 3, num_slices: int = 6, s
     writer = MetricWriter(workdir)
     for k, (name, ev) in enumerate(train.resolve_evals(config).items()):
         pred = _volume_predictions(ev["domain"], num_cases, num_slices, size, seed=k)
-        rows = evaluation.score_cases(pred, info, config, full=True)
-        res = {
-            **ev,
-            "num_examples": len(pred["case_id"]),
-            "structures": metrics.summarize_cases(rows, evaluation.SURFACE_METRICS),
-            "distance_unit": evaluation.distance_unit(pred),
-            "uncertainty": evaluation.uncertainty_quality(pred, info, config.eval.boundary_width),
-        }
+        res, rows = evaluation.score_split(pred, info, config, ev, 7)
         evaluation.write_domain_reports(workdir, name, res, rows, pred, info, config, 7, writer)
     writer.close()
     return workdir
