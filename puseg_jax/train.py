@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding
@@ -24,6 +25,7 @@ from puseg_jax import (
     config_diff,
     evaluation,
     input_pipeline,
+    logging_utils,
     losses,
     models,
     parallel,
@@ -353,6 +355,22 @@ def check_resume_config(saved: dict, current: dict, allow_change: bool) -> list[
     return changes
 
 
+def _duration(seconds: float) -> str:
+    """'1:05' for 65 s, '1:02:03' past an hour."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _source_val_line(step: int, results: dict[str, dict], mean_dice: float) -> str:
+    """'[eval] step 100 source_val Dice: Domain2 OD 0.9512 OC 0.8713 | ... | mean 0.9105'."""
+    parts = [
+        f"{name} "
+        + " ".join(f"{s} {r['structures'][s]['dice']['mean']:.4f}" for s in r["structures"])
+        for name, r in results.items()
+    ]
+    return f"[eval] step {step} source_val Dice: {' | '.join(parts)} | mean {mean_dice:.4f}"
+
+
 def _check_finite(pending: list, nan_policy: str, counters: dict) -> None:
     """Host check of the in-step finiteness flags of the steps since the last check."""
     for step, m in pending:
@@ -486,7 +504,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_steps = config.num_train_steps
     preemption = _Preemption()
     pending: list = []
-    t_last, step_last = time.time(), start_step
+    t_start = t_last = time.time()
+    step_last, paused = start_step, 0.0  # paused: evaluation and checkpoint seconds since t_last
     source_val = [n for n, e in evals.items() if e["role"] == "source_val"]
     print(
         f"[train] {config.method} on {list(config.data.source_domains)} -> "
@@ -502,25 +521,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
             state, metrics = p_train_step(state, batch, train_rng)
             pending.append((step, metrics))
+            if step == start_step + 1:
+                # The first step compiles: the rate (and ETA) counts from its end.
+                jax.block_until_ready(metrics)
+                t_last, step_last = time.time(), step
 
             if step % config.log_every_steps == 0 or step == num_steps:
                 pending = [(s, jax.device_get(m)) for s, m in pending]
                 last = pending[-1][1]
                 _check_finite(pending, config.nan_policy, counters)
                 now = time.time()
-                rate = (step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
                 scalars = {f"train/{k}": v for k, v in last.items() if not k.startswith("finite")}
-                scalars["train/steps_per_sec"] = rate
                 scalars["train/skipped_steps"] = counters["skipped_steps"]
+                speed = ""
+                train_seconds = now - t_last - paused
+                if step > step_last and train_seconds > 0:
+                    # Training steps only: evaluations and checkpoints would make the ETA jump.
+                    rate = (step - step_last) / train_seconds
+                    scalars["train/steps_per_sec"] = rate
+                    speed = f", {rate:.2f} steps/s, ETA {_duration((num_steps - step) / rate)}"
+                t_last, step_last, paused = now, step, 0.0
                 writer.scalars(step, scalars)
-                eta = (num_steps - step) / max(rate, 1e-9)
-                print(
-                    f"[train] step {step}/{num_steps} loss {float(last['loss']):.4f} "
-                    f"{rate:.2f} steps/s ETA {eta:.0f} s",
-                    flush=True,
+                logging_utils.progress(
+                    f"[train] step {step}/{num_steps} ({100 * step // num_steps}%) "
+                    f"loss {float(last['loss']):.4f}, elapsed {_duration(now - t_start)}{speed}"
                 )
 
+            t_pause = time.time()
             # Every process takes the same decision at the same step (a collective when several).
             stop = parallel.any_across_processes(preemption.requested)
             if stop or step % config.checkpoint_every_steps == 0 or step == num_steps:
@@ -532,15 +559,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 print(f"[train] preempted: checkpoint at step {step} written, exiting.", flush=True)
                 close()
                 return {"preempted_at_step": step}
-            if source_val and config.eval_every_steps and step % config.eval_every_steps == 0:
-                results = run_evals(source_val, step, full=False)
+            # At the last step the final evaluation below scores this same state on every
+            # evaluator: with model_selection='last' the periodic one would repeat it, and with
+            # 'source_val' it only offers the state as the best checkpoint (said in the log
+            # only, so that the console shows each step's results once).
+            final_step = step == num_steps
+            if (
+                source_val
+                and config.eval_every_steps
+                and step % config.eval_every_steps == 0
+                and not (final_step and config.model_selection == "last")
+            ):
+                # One console line for all source domains; each evaluator's own line is logged.
+                with logging_utils.stdout_to_log():
+                    results = run_evals(source_val, step, full=False)
                 val_dice = evaluation.mean_dice(results)
+                if not final_step:
+                    print(_source_val_line(step, results, val_dice), flush=True)
                 writer.scalars(step, {"eval/source_val_mean_dice": val_dice})
                 if config.model_selection == "source_val":
                     extra = {"data_state": train_iter.get_state(), "counters": counters}
                     ckpts.save_best(
                         step, parallel.unreplicate(state, strategy), extra, cfg_json, val_dice
                     )
+            paused += time.time() - t_pause
     except BaseException:
         close()
         raise
@@ -562,6 +604,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         evals,
         num_steps,
     )
+    if (
+        source_val
+        and config.eval_every_steps
+        and num_steps % config.eval_every_steps == 0
+        and summary["checkpoint"] == "last"
+    ):
+        # The selection scalar of the last step (the periodic evaluation was left to this one).
+        dice = [summary["evals"][n][s]["dice"] for n in source_val for s in summary["structures"]]
+        writer.scalars(num_steps, {"eval/source_val_mean_dice": float(np.mean(dice))})
     summary["skipped_steps"] = counters["skipped_steps"]
     evaluation.write_summary(workdir, summary)
     close()
@@ -579,6 +630,7 @@ def evaluate_checkpoint(
         restored, _ = ckpts.restore(best, host, NamedSharding(mesh, P()), which="best")
         state = parallel.replicate(restored, mesh, strategy)
         selected, step = f"best@{best}", best
+        print(f"[eval] reporting checkpoint {selected} (best source-validation Dice)", flush=True)
     data_dir = prepare.resolve_data_dir(config)
     results = evaluation.evaluate_domains(
         p_eval_step,
