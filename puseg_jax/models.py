@@ -78,9 +78,7 @@ class DoubleConv(nn.Module):
         return x
 
 
-def example_dropout(
-    x: jax.Array, rate: float, rng: jax.Array, example_ids: jax.Array
-) -> jax.Array:
+def example_dropout(x: jax.Array, rate: float, rng: jax.Array, example_ids: jax.Array) -> jax.Array:
     """Inverted dropout whose mask of each example is drawn from `fold_in(rng, example_id)`.
 
     With the example's index in the global batch, the masks do not depend on how the batch is
