@@ -11,7 +11,7 @@
 #             the network sees are the same as from the 512x512 release, see docs/data.md);
 #             prostate: the ProstateSlice sites as the prostate config builds them.
 #   ROOT:     experiments root (one workdir per run, then ROOT/<family>/results.md).
-# Defaults: fundus, targets Domain1 Domain3, all six methods, seeds 0 1 2 for ours/erm and 0 for
+# Defaults: fundus, targets Domain1 Domain3, all seven methods, seeds 0 1 2 for ours/erm and 0 for
 # the others; prostate, all six sites, SEEDS applies to every method.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ read -r -a targets <<<"${targets[*]}"
 # Many small runs share the GPU: each takes a slice of its memory instead of preallocating 75%.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.04}
 py=${PYTHON:-python3}
-methods=${METHODS:-ours erm focal topk entropy ours_no_highlight}
+methods=${METHODS:-ours erm erm_nll focal topk entropy ours_no_highlight}
 read -r -a extra <<<"${EXTRA:-}"
 mkdir -p "$root"
 start=$(date +%s)
