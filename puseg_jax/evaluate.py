@@ -858,7 +858,7 @@ def evaluate_external(
             SPLIT,
         )
         if not ext.labels and not np.all(pred["mask"] == common.UNLABELLED_MASK_VALUE):
-            raise AssertionError("an unlabelled build stored masks")
+            raise RuntimeError(f"The unlabelled build of {ext.root} holds masks: a builder bug")
 
         # ---- scores (with labels), QC, outputs -----------------------------------------------
         stage = os.path.join(stage_root, "eval", name)

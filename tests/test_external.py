@@ -304,6 +304,44 @@ def test_new_fundus_hospital_from_the_command_line(tiny_workdir, shared_data, tm
     _no_partial(workdir)
 
 
+def test_target_domain_as_a_folder_scores_as_the_target(tiny_workdir, tfds_dir, tmp_path):
+    """The run's own target, written out as a user's DoFE folder (lossless PNGs, masks in
+    0/128/255) and evaluated as a new hospital, gets the target evaluator's scores case by case:
+    same checkpoint, same preprocessing, same post-processing."""
+    from data_builders.fundus.fundus import MASK_VALUE_TO_CLASS
+    from puseg_jax import evaluate, input_pipeline
+    from puseg_jax.datasets import get_dataset_info
+
+    workdir = _copy_workdir(tiny_workdir, tmp_path)
+    config = test_config(**{"data.data_dir": tfds_dir})
+    info = get_dataset_info(config.data.name)
+    source = input_pipeline.load_source(
+        info, "Domain3", "test", tfds_dir, config.data.build_kwargs.to_dict()
+    )
+    folder = tmp_path / "user" / "exported"
+    value = np.zeros(256, np.uint8)
+    for v, c in MASK_VALUE_TO_CLASS.items():
+        value[c] = v
+    for kind in ("image", "mask"):
+        (folder / "test" / "ROIs" / kind).mkdir(parents=True)
+    for ex in source:
+        case = ex["case_id"].decode() if isinstance(ex["case_id"], bytes) else ex["case_id"]
+        Image.fromarray(ex["image"]).save(folder / "test/ROIs/image" / f"{case}.png")
+        Image.fromarray(value[ex["mask"][..., 0]]).save(folder / "test/ROIs/mask" / f"{case}.png")
+    evaluate.evaluate_external(workdir, folder)
+
+    def scores(name):
+        rows = _csv(os.path.join(workdir, "eval", name, "per_case.csv"))
+        return {
+            (r["case_id"], r["structure"]): [float(r[m]) for m in ("dice", "hd95")] for r in rows
+        }
+
+    target, external = scores("Domain3"), scores("exported")
+    assert len(target) == 2 * len(source) and target.keys() == external.keys()
+    for key, expected in target.items():
+        assert external[key] == pytest.approx(expected, abs=1e-6), key
+
+
 def test_unlabelled_flat_folder(tiny_workdir, shared_data, tmp_path):
     from puseg_jax import evaluate
 
@@ -330,6 +368,34 @@ def test_unlabelled_flat_folder(tiny_workdir, shared_data, tmp_path):
                 os.path.join(out, "predictions", f"{r['case_id']}_{kind}.png")
             ).size == (image.size)
     assert any(f.startswith("panel_0_") for f in os.listdir(out))
+
+
+def test_fundus_prediction_is_pasted_back_into_the_whole_image(tmp_path):
+    """The network saw the centre crop: the written mask and uncertainty have the image's size,
+    the prediction inside the crop window, background and U = 0 outside."""
+    from puseg_jax import evaluate
+    from puseg_jax.datasets import get_dataset_info
+
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(path)
+    probs = np.zeros((8, 8, 2), np.float32)
+    probs[..., 0] = 1.0  # disc everywhere the network looked
+    probs[2:6, 2:6, 1] = 1.0  # cup in its middle
+    u = np.full((8, 8), 0.5, np.float32)
+    config = test_config(**{"eval.largest_component": False})
+    info = get_dataset_info("fundus")
+    written = evaluate.write_fundus_case(probs, u, path, 20, info, config, str(tmp_path), "wide")
+    mask = np.asarray(Image.open(tmp_path / "wide_pred.png"))
+    unc = np.asarray(Image.open(tmp_path / "wide_uncertainty.png"))
+    assert mask.shape == unc.shape == (30, 40)
+    window = (slice(5, 25), slice(10, 30))  # fundus.center_crop_window((30, 40), 20)
+    inside = np.zeros((30, 40), bool)
+    inside[window] = True
+    assert np.all(mask[~inside] == 255) and np.all(unc[~inside] == 0)
+    assert np.all(unc[inside] == 128)  # round(0.5 * 255)
+    assert set(np.unique(mask[inside])) == {0, 128}
+    assert mask[15, 20] == 0 and mask[6, 11] == 128  # cup at the centre, rim at the edge
+    assert written["size"]["OD"] == 400 and written["size"]["OC"] == int((mask == 0).sum())
 
 
 # ---------------------------------------------------------------------------------------------
