@@ -550,9 +550,11 @@ def write_nifti_case(
     _save_like(labels, image, files[0])
     _save_like(unc, image, files[1])
     voxel = float(np.prod(image.header.get_zooms()[:3]))
-    size = {s: float((labels == i + 1).sum() * voxel) for i, s in enumerate(info.structures)}
-    if info.label_mode == "sigmoid":  # nested: structure s is every label above s
-        size = {s: float((labels > i).sum() * voxel) for i, s in enumerate(info.structures)}
+    nested = info.label_mode == "sigmoid"  # structure s is every label above s
+    size = {
+        s: float(((labels > i) if nested else (labels == i + 1)).sum() * voxel)
+        for i, s in enumerate(info.structures)
+    }
     return {"files": files, "size": size}
 
 
