@@ -23,6 +23,18 @@ Usage: ./run.sh COMMAND [ARGS]
 USAGE
 }
 
+# pip with its output in $VENV/pip.log: its warnings (e.g. "Location ... is ignored" from a pip
+# config) stay out of the console; on failure the log's end is shown, errors included.
+pip_quiet() {
+  local log="$VENV/pip.log"
+  echo "\$ pip $*" >>"$log"
+  if ! "$PY" -m pip "$@" >>"$log" 2>&1; then
+    echo "[setup] pip $* failed; the end of $log:" >&2
+    grep -v "^WARNING: Location .* is ignored" "$log" | tail -n 40 >&2
+    exit 1
+  fi
+}
+
 setup() {
   if [ ! -x "$PY" ]; then
     echo "[setup] creating $VENV"
@@ -30,10 +42,13 @@ setup() {
   fi
   if ! "$PY" -c "import puseg_jax, jax, flax, grain, tensorflow_datasets, nbclient, medpy" 2>/dev/null \
      || [ setup.cfg -nt "$VENV/.installed" ]; then
-    echo "[setup] installing the pinned stack (about a minute)"
-    "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q -e '.[test]'
+    : >"$VENV/pip.log"
+    echo "[setup] upgrading pip"
+    pip_quiet install --upgrade pip
+    echo "[setup] installing the pinned stack and test extras (about a minute; log: $VENV/pip.log)"
+    pip_quiet install -e '.[test]'
     touch "$VENV/.installed"
+    echo "[setup] done"
   fi
 }
 
@@ -50,10 +65,9 @@ case "$cmd" in
       "$PY" -m puseg_jax.main --config configs/demo.py --workdir "$workdir/$method" \
         --config.method="$method"
     done
-    "$PY" -c 'import json, sys; from puseg_jax import evaluation
-print(evaluation.format_table([json.load(open(p)) for p in sys.argv[1:]]))' \
-      "$workdir/erm/summary.json" "$workdir/ours/summary.json"
-    echo "[demo] done in $(( $(date +%s) - start )) s (install excluded); outputs in $workdir/{erm,ours}"
+    "$PY" -m puseg_jax.report "$workdir/erm/summary.json" "$workdir/ours/summary.json"
+    echo "[demo] done in $(( $(date +%s) - start )) s (install excluded); outputs and full" \
+      "logs (log.txt) in $workdir/{erm,ours}; PUSEG_VERBOSE=1 shows the logs here"
     ;;
   test)
     setup

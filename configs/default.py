@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2  # last N kept (the source-validation best is kept apart)
     config.model_selection = "last"  # checkpoint reported: last | source_val (best source Dice)
     config.init_from = ""  # checkpoint dir to initialise params from when the workdir is empty
+    # Resuming a checkpoint written with a config that differs in a field that changes the
+    # computation is an error (puseg_jax/config_diff.py); True resumes anyway (rare, deliberate).
+    config.allow_config_change = False
 
     config.eval = e = ml_collections.ConfigDict()
     e.batch_size = 16  # global evaluation batch (padded, nothing dropped)
@@ -87,7 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
     e.num_samples = 10  # draws for the uncertainty map at evaluation
     e.save_predictions = True  # eval/<domain>/predictions.npz for the notebook
     e.num_panels = 4  # PNG panels per evaluated domain
-    e.boundary_width = 2  # pixels, band for boundary/interior uncertainty
+    e.boundary_width = 2  # pixels of the scored grid, band for boundary/interior uncertainty
+    e.resolution = "native"  # score on: native (released/original grid) | network (input grid)
 
     # Named evaluators, filled by `puseg_jax.train.resolve_evals` when left empty:
     # {name: {domain, split, role}} with role 'target' or 'source_val'.

@@ -39,28 +39,34 @@ class DataError(ValueError):
 UNLABELLED_MASK_VALUE = 255
 
 
-def segmentation_features(image_channels: int) -> tfds.features.FeaturesDict:
+def segmentation_features(image_channels: int, native: bool = False) -> tfds.features.FeaturesDict:
     """The feature spec shared by every builder of the project.
 
     Args:
       image_channels: 3 for colour photographs, 1 for MRI slices.
+      native: add `native_mask` and `native_spacing`, for builders whose stored mask is
+        resampled from the release's own grid (the prostate NIfTI volumes): the ground truth
+        on that grid, which evaluation scores on, and the (row, col, slice) size of its pixels.
+        Without them the stored mask is on the native grid.
 
     Returns:
       The `FeaturesDict` with image, mask (class indices), case and slice bookkeeping, spacing
-      of the stored pixels and the domain name.
+      of the stored mask's pixels and the domain name.
     """
-    return tfds.features.FeaturesDict(
-        {
-            "image": tfds.features.Image(shape=(None, None, image_channels), dtype=np.uint8),
-            "mask": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8),
-            "case_id": tfds.features.Text(),
-            "slice_index": np.int32,
-            "num_slices": np.int32,
-            "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-            "spacing_unit": tfds.features.Text(),
-            "domain": tfds.features.Text(),
-        }
-    )
+    features = {
+        "image": tfds.features.Image(shape=(None, None, image_channels), dtype=np.uint8),
+        "mask": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8),
+        "case_id": tfds.features.Text(),
+        "slice_index": np.int32,
+        "num_slices": np.int32,
+        "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+        "spacing_unit": tfds.features.Text(),
+        "domain": tfds.features.Text(),
+    }
+    if native:
+        features["native_mask"] = tfds.features.Image(shape=(None, None, 1), dtype=np.uint8)
+        features["native_spacing"] = tfds.features.Tensor(shape=(3,), dtype=np.float32)
+    return tfds.features.FeaturesDict(features)
 
 
 def require_dirs(folders: Sequence[Path], instructions: str) -> None:

@@ -8,16 +8,20 @@ validation) and writes `W/eval/NAME/` (NAME defaults to DIR's folder name) like 
 domain's report, with role 'external':
 
 * `summary.json`, `per_case.csv`, `predictions.npz`, `panel_*.png` and TensorBoard events
-  (`tb/`) as `evaluation.write_domain_reports` writes them for a target (with labels); without
-  labels the summary says that no score was computed, and the panels show image, prediction and
-  uncertainty;
+  (`tb/`) as `evaluation.write_domain_reports` writes them for a target. With labels the cases
+  are scored exactly as a target evaluator scores them (`evaluation.score_split`: on the grid of
+  the run's `eval.resolution`, native by default, with its 'resolution', 'distance' and
+  'uncertainty_resolution' fields). Without labels nothing is scored (the summary says so) and
+  the panels show image, prediction and uncertainty;
 * `review.csv`: the cases ranked by a quality-control score, most doubtful first (`quality.py`),
   with the predicted size and, with labels, the Dice;
 * `predictions/`: the predictions in the user's own formats, on the original grid: for NIfTI
   volumes `<case>_pred.nii.gz` (labels) and `<case>_uncertainty.nii.gz` (float32 in [0, 1]),
   with the input's affine and shape; for fundus images `<case>_pred.png` in the release's
   convention (0 cup, 128 disc rim, 255 background) and `<case>_uncertainty.png` (8-bit, U * 255),
-  of the image's size.
+  of the image's size. They are the native probabilities native scoring thresholds
+  (`evaluation.native_probs`), post-processed as the scores are: with labels and native
+  scoring, a written mask scores what per_case.csv says.
 
 Layouts of DIR:
 
@@ -30,7 +34,9 @@ Layouts of DIR:
   SAML naming (`Case00.nii.gz` + `Case00_segmentation.nii.gz`), all with labels or none.
 
 Everything is written into a hidden folder beside the result (`W/eval/.partial-NAME-*`) and
-renamed to `W/eval/NAME` at the end: a failure leaves nothing half-written.
+renamed to `W/eval/NAME` at the end: a failure leaves nothing half-written. The console shows
+the `[prepare]` and `[eval]` lines; every log line goes to `W/log.txt`
+(`logging_utils.setup_run_log`, `--verbose` or `PUSEG_VERBOSE=1` for all of it on the console).
 
 Only `main` knows about flags; `evaluate_external` is the function.
 """
@@ -40,12 +46,14 @@ import csv
 import dataclasses
 import functools
 import json
+import logging as pylogging
 import math
 import os
 import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,21 +64,14 @@ import nibabel as nib
 import numpy as np
 import optax
 import tensorflow_datasets as tfds
+from absl import flags as absl_flags
+from absl import logging
 from PIL import Image
 
 from data_builders import common
 from data_builders.fundus import fundus
 from data_builders.prostate import prostate
-from puseg_jax import (
-    checkpointing,
-    evaluation,
-    metrics,
-    parallel,
-    quality,
-    resample,
-    train,
-    visualize,
-)
+from puseg_jax import checkpointing, evaluation, logging_utils, parallel, quality, train
 from puseg_jax.datasets import DatasetInfo, get_dataset_info
 from puseg_jax.logging_utils import MetricWriter
 
@@ -303,10 +304,19 @@ def prepare_external(
             labels=ext.labels,
             **merge,
         )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(ext.root.parent)),
-        file_format="array_record",
-    )
+    t0 = time.time()
+    labelled = "with labels" if ext.labels else "without labels"
+    print(f"[prepare] building {ext.root} ({ext.layout} layout, {labelled}) ...", flush=True)
+    if not logging_utils.progress_bars():
+        tfds.disable_progress_bar()
+    # TFDS's banners say what the [prepare] lines say: they go to the log (as in prepare.py).
+    with logging_utils.stdout_to_log():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(ext.root.parent)),
+            file_format="array_record",
+        )
+    counts = {k: v.num_examples for k, v in builder.info.splits.items()}
+    print(f"[prepare] {ext.root.name}: {counts} ({time.time() - t0:.1f} s)", flush=True)
     ext_info = dataclasses.replace(info, builder=ext.builder, domains=(DOMAIN,), config_suffix="")
     ext_config = ml_collections.ConfigDict(config.to_dict())
     ext_config.data.data_dir = data_dir
@@ -451,24 +461,56 @@ def label_volume(pred_masks: np.ndarray, info: DatasetInfo) -> np.ndarray:
     return out
 
 
+def native_case(
+    pred: Mapping[str, np.ndarray],
+    idx: np.ndarray,
+    info: DatasetInfo,
+    config: ml_collections.ConfigDict,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One case's post-processed prediction and uncertainty on its native grid.
+
+    The probabilities are those native scoring thresholds (`evaluation.native_probs`: bilinear
+    from the network's grid to the builder's native grid, the released image after the centre
+    crop or the volume's own slices), post-processed as `evaluation.score_cases` does (in 3-D
+    for volumes); the uncertainty map is resampled the same way, as `uncertainty_quality` does.
+
+    Returns:
+      (structure masks [S, D, H, W] bool, uncertainty [D, H, W] float32 in [0, 1]), D = 1 for
+      an image.
+    """
+    probs = evaluation.native_probs(pred, idx)
+    unc = np.clip(evaluation.native_probs(pred, idx, key="uncertainty"), 0.0, 1.0)
+    if info.volumetric:
+        pm = evaluation.structure_masks(probs, info, config)
+    else:
+        pm = evaluation.structure_masks(probs[0], info, config)[:, None]
+    return pm, unc.astype(np.float32)
+
+
 def write_fundus_case(
-    probs: np.ndarray,
+    pred_masks: np.ndarray,
     uncertainty: np.ndarray,
     image_path: Path,
     center_crop: int | None,
     info: DatasetInfo,
-    config: ml_collections.ConfigDict,
     out_dir: str,
     case_id: str,
 ) -> dict[str, Any]:
     """Writes one fundus image's prediction and uncertainty PNGs at the image's own size.
 
-    The network's probabilities are resampled bilinearly to the grid it saw (the centre crop, or
-    the whole image), then thresholded and post-processed there; outside the crop the mask is
-    background and the uncertainty 0 (not predicted).
+    Args:
+      pred_masks: the structures on the native grid [S, h, w] (`native_case`): the centre crop
+        the network saw, or the whole image.
+      uncertainty: [h, w] in [0, 1], same grid.
+      image_path: the user's image (its size is the output's).
+      center_crop: the crop the native grid is (None: the whole image).
+      info: the family.
+      out_dir: where the files go.
+      case_id: the case.
 
     Returns:
-      {'files': [...], 'size': {structure: predicted pixels of the image}}.
+      {'files': [...], 'size': {structure: predicted pixels of the image}}; outside the crop the
+      mask is background and the uncertainty 0 (not predicted).
     """
     with Image.open(image_path) as im:
         width, height = im.size
@@ -476,46 +518,23 @@ def write_fundus_case(
     if center_crop is not None and (height, width) != (center_crop, center_crop):
         window = fundus.center_crop_window((height, width), center_crop, image_path)
     grid = (window[0].stop - window[0].start, window[1].stop - window[1].start)
-    native = resample.resize_bilinear(probs, grid)
-    pm = evaluation.structure_masks(native, info, config)
+    if pred_masks.shape[1:] != grid or uncertainty.shape != grid:
+        raise ValueError(
+            f"{image_path}: prediction of shape {pred_masks.shape[1:]} for a native grid of "
+            f"{grid} (image {height}x{width}, centre crop {center_crop})"
+        )
     mask = np.full((height, width), 255, np.uint8)
-    mask[window] = fundus_release_mask(pm)
+    mask[window] = fundus_release_mask(pred_masks)
     unc = np.zeros((height, width), np.uint8)
-    unc[window] = uncertainty_to_uint8(resample.resize_bilinear(uncertainty, grid))
+    unc[window] = uncertainty_to_uint8(uncertainty)
     files = [
         os.path.join(out_dir, f"{case_id}_pred.png"),
         os.path.join(out_dir, f"{case_id}_uncertainty.png"),
     ]
     Image.fromarray(mask, "L").save(files[0])
     Image.fromarray(unc, "L").save(files[1])
-    return {"files": files, "size": {s: int(pm[i].sum()) for i, s in enumerate(info.structures)}}
-
-
-def nifti_native(
-    probs: np.ndarray,
-    uncertainty: np.ndarray,
-    image: nib.Nifti1Image,
-    info: DatasetInfo,
-    config: ml_collections.ConfigDict,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A volume's prediction on the voxel grid of its file.
-
-    The builder reoriented the volume to canonical axes and resized its slices; here the
-    probabilities [D, h, w, K] are resampled bilinearly to the slices' own size, post-processed
-    in 3-D, and both the labels and the uncertainty are put back in the file's voxel order.
-
-    Returns:
-      (uint8 labels, float32 uncertainty), both of the file's shape (its first three axes).
-    """
-    rows, cols, num_slices = prostate.display_shape(image)
-    if len(probs) != num_slices:
-        raise ValueError(f"{len(probs)} predicted slices for a volume of {num_slices}")
-    native = resample.resize_bilinear(probs.transpose(1, 2, 0, 3), (rows, cols))
-    pm = evaluation.structure_masks(native.transpose(2, 0, 1, 3), info, config)  # [S, D, r, c]
-    labels = label_volume(pm, info).transpose(1, 2, 0)
-    unc = resample.resize_bilinear(uncertainty.transpose(1, 2, 0), (rows, cols))
-    unc = np.clip(unc, 0.0, 1.0).astype(np.float32)
-    return prostate.from_display(labels, image), prostate.from_display(unc, image)
+    size = {s: int(pred_masks[i].sum()) for i, s in enumerate(info.structures)}
+    return {"files": files, "size": size}
 
 
 def _save_like(array: np.ndarray, image: nib.Nifti1Image, path: str) -> None:
@@ -527,34 +546,39 @@ def _save_like(array: np.ndarray, image: nib.Nifti1Image, path: str) -> None:
 
 
 def write_nifti_case(
-    probs: np.ndarray,
+    pred_masks: np.ndarray,
     uncertainty: np.ndarray,
     image_path: Path,
     info: DatasetInfo,
-    config: ml_collections.ConfigDict,
     out_dir: str,
     case_id: str,
 ) -> dict[str, Any]:
     """Writes `<case>_pred.nii.gz` and `<case>_uncertainty.nii.gz` with the input's affine and
     shape.
 
+    Args:
+      pred_masks: the structures on the volume's native grid [S, D, rows, cols] in the builder's
+        display layout (`native_case`).
+      uncertainty: [D, rows, cols] in [0, 1], same grid.
+      image_path: the user's volume (its header and voxel order are the outputs').
+      info: the family.
+      out_dir: where the files go.
+      case_id: the case.
+
     Returns:
       {'files': [...], 'size': {structure: predicted volume in mm^3}}.
     """
     image = nib.load(image_path)
-    labels, unc = nifti_native(probs, uncertainty, image, info, config)
+    labels = label_volume(pred_masks, info).transpose(1, 2, 0)  # (rows, cols, slices)
     files = [
         os.path.join(out_dir, f"{case_id}_pred.nii.gz"),
         os.path.join(out_dir, f"{case_id}_uncertainty.nii.gz"),
     ]
-    _save_like(labels, image, files[0])
-    _save_like(unc, image, files[1])
+    # display_to_file refuses a volume that is not laid out like the file's.
+    _save_like(prostate.display_to_file(labels, image), image, files[0])
+    _save_like(prostate.display_to_file(uncertainty.transpose(1, 2, 0), image), image, files[1])
     voxel = float(np.prod(image.header.get_zooms()[:3]))
-    nested = info.label_mode == "sigmoid"  # structure s is every label above s
-    size = {
-        s: float(((labels > i) if nested else (labels == i + 1)).sum() * voxel)
-        for i, s in enumerate(info.structures)
-    }
+    size = {s: float(pred_masks[i].sum() * voxel) for i, s in enumerate(info.structures)}
     return {"files": files, "size": size}
 
 
@@ -568,7 +592,8 @@ def write_native_predictions(
     """Every case's prediction and uncertainty in the user's format, on the original grid.
 
     Args:
-      pred: `evaluation.predict_split` output of the external domain (network grid).
+      pred: `evaluation.predict_split` output of the external domain ('native_shape' per
+        example).
       ext: the folder it was built from (original files).
       info: the family info reading it.
       config: the config (post-processing).
@@ -582,22 +607,14 @@ def write_native_predictions(
     for case_id, idx in evaluation.group_cases(pred, info.volumetric):
         if case_id not in ext.images:
             raise ValueError(f"Predicted case {case_id!r} is not a file of {ext.root}")
-        probs, unc = pred["probs"][idx], pred["uncertainty"][idx]
+        pm, unc = native_case(pred, idx, info, config)
+        path = ext.images[case_id]
         if ext.builder == "fundus":
             out[case_id] = write_fundus_case(
-                probs[0],
-                unc[0],
-                ext.images[case_id],
-                ext.center_crop,
-                info,
-                config,
-                out_dir,
-                case_id,
+                pm[:, 0], unc[0], path, ext.center_crop, info, out_dir, case_id
             )
         else:
-            out[case_id] = write_nifti_case(
-                probs, unc, ext.images[case_id], info, config, out_dir, case_id
-            )
+            out[case_id] = write_nifti_case(pm, unc, path, info, out_dir, case_id)
     return out
 
 
@@ -723,52 +740,6 @@ def write_review(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
 # Reports.
 
 
-def _panel_unlabelled(image: np.ndarray, pred_masks: np.ndarray, u: np.ndarray, gap: int = 2):
-    """image | prediction | uncertainty, for cases without labels."""
-    rgb = visualize.to_rgb(image)
-    tiles = [rgb, visualize.overlay(rgb, pred_masks), visualize.heatmap(u)]
-    sep = np.ones((rgb.shape[0], gap, 3), np.float32)
-    return np.concatenate([t for tile in tiles for t in (tile, sep)][:-1], axis=1)
-
-
-def write_unlabelled_reports(
-    out: str,
-    name: str,
-    res: dict,
-    pred: Mapping[str, np.ndarray],
-    info: DatasetInfo,
-    config: ml_collections.ConfigDict,
-    step: int,
-    writer: MetricWriter,
-) -> None:
-    """summary.json, predictions.npz (no label) and panels of a domain without labels."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(evaluation.json_ready(res), f, indent=2, allow_nan=False)
-    if config.eval.save_predictions:
-        evaluation.save_npz(
-            os.path.join(out, "predictions.npz"),
-            image=pred["image"].astype(np.float16),
-            probability=pred["probs"].astype(np.float16),
-            uncertainty=pred["uncertainty"].astype(np.float16),
-            case_id=pred["case_id"].astype(str),
-            slice_index=pred["slice_index"],
-            spacing=pred["spacing"],
-            spacing_unit=pred["spacing_unit"].astype(str),
-        )
-    cases = evaluation.group_cases(pred, info.volumetric)[: config.eval.num_panels]
-    for i, (case_id, idx) in enumerate(cases):
-        arrays = visualize.case_arrays(pred, idx, info, config)
-        # The slice with the largest predicted area (there is no ground truth to choose by).
-        j = visualize.representative_slice(arrays["pred"])
-        panel = _panel_unlabelled(
-            arrays["image"][j], arrays["pred"][:, j], arrays["uncertainty"][j]
-        )
-        visualize.save_png(panel, os.path.join(out, f"panel_{i}_{case_id}.png"))
-        writer.image(step, f"eval/{name}/panel_{i}", panel)
-    writer.histogram(step, f"eval/{name}/uncertainty_hist", pred["uncertainty"])
-
-
 def _scalars(name: str, res: dict) -> dict[str, float]:
     """The report's scalars for TensorBoard (undefined ones, e.g. an AUROC without failures,
     left out)."""
@@ -859,23 +830,23 @@ def evaluate_external(
             DOMAIN,
             SPLIT,
         )
-        if not ext.labels and not np.all(pred["mask"] == common.UNLABELLED_MASK_VALUE):
-            raise RuntimeError(f"The unlabelled build of {ext.root} holds masks: a builder bug")
+        if not ext.labels:
+            check_unlabelled(pred, ext)
 
         # ---- scores (with labels), QC, outputs -----------------------------------------------
         stage = os.path.join(stage_root, "eval", name)
         os.makedirs(stage)
         writer = MetricWriter(stage)
         try:
-            res = _result(config, ext, pred, name, step, checkpoint, info)
+            ev = {"domain": name, "split": SPLIT, "role": ROLE}
             rows = dice = None
             if ext.labels:
-                rows = evaluation.score_cases(pred, ext_info, ext_config, full=True)
-                res["structures"] = metrics.summarize_cases(rows, evaluation.SURFACE_METRICS)
-                res["uncertainty"] = evaluation.uncertainty_quality(
-                    pred, ext_info, config.eval.boundary_width
-                )
+                # Exactly as a target evaluator: same grid (eval.resolution), same fields.
+                res, rows = evaluation.score_split(pred, ext_info, ext_config, ev, step)
                 dice = {r["case_id"]: {s: r[s]["dice"] for s in info.structures} for r in rows}
+            else:
+                res = unscored_result(ev, step, pred, info)
+            res |= _external_fields(config, ext, checkpoint)
             choice = (
                 choose_on_source_val(workdir, config, info, thresholds)
                 if qc_score == "auto"
@@ -885,6 +856,7 @@ def evaluate_external(
             res["qc"] = {
                 "score": choice["score"],
                 "choice": choice,
+                "grid": "network",
                 "band_pixels": config.eval.boundary_width,
                 "fail_dice": thresholds,
             }
@@ -909,12 +881,10 @@ def evaluate_external(
             res["review"] = [
                 {k: r[k] for k in REVIEW_COLUMNS} for r in review[: config.eval.num_panels]
             ]
-            if ext.labels:
-                evaluation.write_domain_reports(
-                    stage_root, name, res, rows, pred, ext_info, ext_config, step, writer
-                )
-            else:
-                write_unlabelled_reports(stage, name, res, pred, ext_info, ext_config, step, writer)
+            # rows None (no labels): no per_case.csv, no label saved, panels without ground truth.
+            evaluation.write_domain_reports(
+                stage_root, name, res, rows, pred, ext_info, ext_config, step, writer
+            )
             writer.scalars(step, _scalars(name, res))
         finally:
             writer.close()
@@ -930,14 +900,35 @@ def evaluate_external(
     return res
 
 
-def _result(config, ext: ExternalData, pred, name: str, step: int, checkpoint: str, info) -> dict:
-    """The evaluator's summary fields, as `evaluation.evaluate_domains` writes them for a target
-    domain, and what is particular to a folder of the user's."""
+def check_unlabelled(pred: Mapping[str, np.ndarray], ext: ExternalData) -> None:
+    """A domain built without labels holds `common.UNLABELLED_MASK_VALUE` in every mask, on the
+    network's and on the native grid; anything else is a builder bug that could be scored."""
+    masks = [pred["mask"]] + list(pred.get("native_mask", []))
+    if not all(np.all(m == common.UNLABELLED_MASK_VALUE) for m in masks):
+        raise RuntimeError(f"The unlabelled build of {ext.root} holds masks: a builder bug")
+
+
+def unscored_result(
+    ev: Mapping[str, str], step: int, pred: Mapping[str, np.ndarray], info: DatasetInfo
+) -> dict[str, Any]:
+    """The summary fields of `evaluation.score_split` that do not need labels, and the note
+    that nothing was scored (no 'resolution', 'distance' or 'structures': there are no
+    scores)."""
     return {
-        "role": ROLE,
-        "domain": name,
-        "split": SPLIT,
+        "role": ev["role"],
+        "domain": ev["domain"],
+        "split": ev["split"],
         "step": int(step),
+        "num_examples": int(len(pred["case_id"])),
+        "num_cases": len(evaluation.group_cases(pred, info.volumetric)),
+        "distance_unit": evaluation.distance_unit(pred),
+        "note": NO_SCORE_NOTE,
+    }
+
+
+def _external_fields(config, ext: ExternalData, checkpoint: str) -> dict[str, Any]:
+    """What a summary of a folder of the user's says beyond an evaluator's fields."""
+    return {
         "checkpoint": checkpoint,
         "method": config.method,
         "dataset": config.data.name,
@@ -946,11 +937,8 @@ def _result(config, ext: ExternalData, pred, name: str, step: int, checkpoint: s
         "center_crop": ext.center_crop,
         "labels": ext.labels,
         "scored": ext.labels,
-        "num_examples": int(len(pred["case_id"])),
-        "num_cases": len(evaluation.group_cases(pred, info.volumetric)),
-        "distance_unit": evaluation.distance_unit(pred),
-        **({} if ext.labels else {"note": NO_SCORE_NOTE}),
         "predictions": PREDICTIONS_DIR,
+        "predictions_grid": "original",
     }
 
 
@@ -959,21 +947,22 @@ def _fmt(x: float) -> str:
 
 
 def _print_result(res: dict, folder: str) -> None:
-    head = f"[evaluate] {res['domain']} ({res['num_cases']} cases, checkpoint {res['checkpoint']})"
+    head = f"[eval] {res['domain']} (external, {res['num_cases']} cases, checkpoint "
+    head += f"{res['checkpoint']} at step {res['step']})"
     if res["scored"]:
         dice = ", ".join(f"{s} {sm['dice']['mean']:.4f}" for s, sm in res["structures"].items())
-        print(f"{head}: Dice {dice}", flush=True)
+        print(f"{head}: Dice {dice} (scored on the {res['resolution']} grid)", flush=True)
         det = ", ".join(
             f"{s} AUROC {_fmt(d['auroc'])} ({d['n_fail']}/{d['n']} failing), "
             f"Spearman {_fmt(d['spearman'])}"
             for s, d in res["qc"]["detection"].items()
         )
-        print(f"[evaluate] QC score {res['qc']['score']!r} finds failures: {det}", flush=True)
+        print(f"[eval] QC score {res['qc']['score']!r} finds failures: {det}", flush=True)
     else:
         print(f"{head}: {NO_SCORE_NOTE}", flush=True)
     top = ", ".join(f"{r['case_id']} ({r['qc_score']:.3g})" for r in res["review"])
-    print(f"[evaluate] most doubtful ({res['qc']['score']}): {top}", flush=True)
-    print(f"[evaluate] wrote {folder} (review.csv, predictions/)", flush=True)
+    print(f"[eval] most doubtful ({res['qc']['score']}): {top}", flush=True)
+    print(f"[eval] wrote {folder} (review.csv, predictions/)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1007,14 +996,11 @@ def parse_center_crop(text: str) -> int | None | str:
         raise argparse.ArgumentTypeError(f"--center_crop {text!r}: train, none or an int") from e
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """`python -m puseg_jax.evaluate`: flags -> `evaluate_external`.
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's flags: `evaluate_external`'s arguments, and `verbose`.
 
     Args:
       argv: command-line arguments (None: sys.argv[1:]).
-
-    Returns:
-      The written summary.
     """
     parser = argparse.ArgumentParser(
         prog="python -m puseg_jax.evaluate",
@@ -1058,18 +1044,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier eval/NAME of this command"
     )
-    args = parser.parse_args(argv)
-    tfds.disable_progress_bar()  # a build of a few hundred files needs no progress bars
-    return evaluate_external(
-        args.workdir,
-        args.data,
-        name=args.name,
-        labels=args.labels,
-        fail_dice=args.fail_dice,
-        qc_score=args.qc_score,
-        center_crop=args.center_crop,
-        overwrite=args.overwrite,
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"library log lines on the console too (also {logging_utils.VERBOSE_ENV}=1); "
+        f"they are always in W/{logging_utils.LOG_FILE}",
     )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """`python -m puseg_jax.evaluate`: flags -> the run's log -> `evaluate_external`.
+
+    Args:
+      argv: command-line arguments (None: sys.argv[1:]).
+
+    Returns:
+      The written summary.
+    """
+    args = vars(parse_args(argv))
+    verbose = args.pop("verbose") or logging_utils.verbose_from_env()
+    # The workdir's log.txt, as a training run's: only in a training workdir, so that a mistyped
+    # --workdir stops with its message without becoming a folder.
+    if os.path.isfile(os.path.join(args["workdir"], "config.json")):
+        # The console as `python -m puseg_jax.main` has it (app.run there): absl's handler on
+        # the root logger, its flags at their defaults (this command line is argparse's), INFO
+        # to log.txt. A library that logged while this module was imported made absl install
+        # `logging.basicConfig`'s stderr handler, which would print every INFO line: removed.
+        absl_flags.FLAGS.mark_as_parsed()
+        for handler in list(pylogging.root.handlers):
+            if type(handler) is pylogging.StreamHandler:
+                pylogging.root.removeHandler(handler)
+        logging.use_absl_handler()
+        logging_utils.setup_run_log(args["workdir"], verbose)
+        logging.set_verbosity(logging.INFO)
+    return evaluate_external(**args)
 
 
 if __name__ == "__main__":

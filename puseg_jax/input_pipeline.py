@@ -13,7 +13,9 @@ have built, in the same order, with the same augmentation (the order in which
 `jax.make_array_from_process_local_data` assembles them on a 1-D mesh).
 
 Evaluation reads every example of a split once, in the source's order, and pads the last batch
-with copies flagged `valid = False`; it never looks at a label to decide what to read.
+with copies flagged `valid = False`; it never looks at a label to decide what to read. Beside
+the network's input it carries each example's ground truth on its native grid (the released
+image or the original volume's slice), which evaluation scores on.
 """
 
 import dataclasses
@@ -42,6 +44,11 @@ PREFETCH_BATCHES = 4
 # Bytes of resized uint8 training examples each process keeps in memory (all source domains
 # together): decoding and resizing is ~40% of an example's cost at 64x64.
 CACHE_BYTES = 2**30
+# Features of builders whose stored `mask` is resampled from the original grid (the prostate
+# NIfTI layout): the ground truth on that grid and the spacing of its pixels. Elsewhere the
+# stored mask is on the native grid already.
+NATIVE_MASK = "native_mask"
+NATIVE_SPACING = "native_spacing"
 
 
 def load_source(
@@ -169,25 +176,37 @@ def neighbour_records(
 
 class ExampleReader:
     """Reads record `index` of a source: uint8 image (neighbour slices stacked as channels in
-    2.5-D mode), class mask and metadata.
+    2.5-D mode), class mask and metadata; with `native`, also the ground truth on its native
+    grid.
 
     The source is opened on first use in each process, so the reader pickles into grain's
     worker processes.
     """
 
-    def __init__(self, spec: SourceSpec, context_slices: int = 0, lookup: dict | None = None):
+    def __init__(
+        self,
+        spec: SourceSpec,
+        context_slices: int = 0,
+        lookup: dict | None = None,
+        native: bool = False,
+    ):
         if context_slices and lookup is None:
             raise ValueError("2.5-D reading (context_slices > 0) needs the slice lookup")
         self.spec = spec
         self.context_slices = context_slices
         self.lookup = lookup
+        self.native = native
         self._source = None
         self._len = None
 
     @property
     def source(self):
         if self._source is None:
-            self._source = self.spec.open()
+            source = self.spec.open()
+            if not self.native and NATIVE_MASK in source.dataset_info.features:
+                # Training never looks at the native mask: leave its PNG undecoded.
+                source = self.spec.open(decoders={NATIVE_MASK: tfds.decode.SkipDecoding()})
+            self._source = source
         return self._source
 
     def __getstate__(self) -> dict:
@@ -211,7 +230,7 @@ class ExampleReader:
             image = np.concatenate(
                 [image if j == index else source[j]["image"] for j in records], axis=-1
             )
-        return {
+        out = {
             "image": image,
             "mask": ex["mask"],
             "case_id": case_id,
@@ -221,18 +240,29 @@ class ExampleReader:
             "spacing_unit": _as_str(ex["spacing_unit"]),
             "domain": _as_str(ex["domain"]),
         }
+        if self.native:
+            # Where no native mask is stored, the stored mask is on the native grid.
+            out["native_mask"] = ex.get(NATIVE_MASK, ex["mask"])[..., 0]
+            out["native_spacing"] = np.asarray(ex.get(NATIVE_SPACING, ex["spacing"]), np.float32)
+        return out
 
 
 def make_reader(
-    info: DatasetInfo, config: ml_collections.ConfigDict, domain: str, split: str, data_dir: str
+    info: DatasetInfo,
+    config: ml_collections.ConfigDict,
+    domain: str,
+    split: str,
+    data_dir: str,
+    native: bool = False,
 ) -> ExampleReader:
-    """The `ExampleReader` of one domain's split, with the slice lookup in 2.5-D mode."""
+    """The `ExampleReader` of one domain's split, with the slice lookup in 2.5-D mode (and the
+    native ground truth with `native`)."""
     spec = SourceSpec.from_config(info, config, domain, split, data_dir)
     lookup = None
     if config.data.context_slices:
         skip = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
         lookup = slice_index_map(spec.open(decoders=skip))
-    return ExampleReader(spec, config.data.context_slices, lookup)
+    return ExampleReader(spec, config.data.context_slices, lookup, native)
 
 
 class ResizeCache:
@@ -389,16 +419,19 @@ def normalize(image: np.ndarray, mode: str) -> np.ndarray:
 
 def to_input_size(ex: dict[str, Any], size: int) -> dict[str, Any]:
     """An example with image and mask resized to [size, size] (uint8) and the spacing of one
-    network pixel: a network pixel spans orig / size stored pixels, so distances on the
-    network's grid come out in the stored unit (mm, or pixels of the stored image)."""
-    if ex["image"].shape[:2] == (size, size):
+    network pixel. `spacing` is that of one stored mask pixel, and a network pixel spans
+    mask_size / size of them, so distances on the network's grid come out in the stored unit
+    (mm, or pixels of the released image). The image may be stored smaller than the mask (the
+    fundus builder's `store_size`); each is resized from its own size."""
+    image, mask = ex["image"], ex["mask"]
+    if image.shape[:2] == mask.shape[:2] == (size, size):
         return ex
     spacing = np.asarray(ex["spacing"], np.float32).copy()
-    spacing[:2] *= np.asarray(ex["image"].shape[:2], np.float32) / size
+    spacing[:2] *= np.asarray(mask.shape[:2], np.float32) / size
     return dict(
         ex,
-        image=resize(ex["image"], size, nearest=False),
-        mask=resize(ex["mask"], size, nearest=True),
+        image=resize(image, size, nearest=False),
+        mask=resize(mask, size, nearest=True),
         spacing=spacing,
     )
 
@@ -576,6 +609,7 @@ def eval_batches(
     split: str,
     data_dir: str,
     batch_size: int,
+    native_masks: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of (domain, split) exactly once, in the source's order, in full batches.
 
@@ -589,12 +623,16 @@ def eval_batches(
       split: its split.
       data_dir: the TFDS data dir.
       batch_size: global evaluation batch.
+      native_masks: also yield each example's ground truth on its native grid.
 
     Yields:
-      {'image', 'mask', 'spacing', 'valid', 'index' (record index), 'case_id', 'slice_index',
-      'num_slices', 'spacing_unit'}, each with batch_size rows.
+      {'image', 'mask', 'spacing' (network grid), 'valid', 'index' (record index), 'case_id',
+      'slice_index', 'num_slices', 'spacing_unit', 'native_shape' [b, 2] and 'native_spacing'
+      [b, 3] (the native grid: the released image, or the original volume's slice), and with
+      `native_masks` 'native_mask' (an object array of uint8 [h, w] class masks, sizes may
+      differ between examples)}, each with batch_size rows.
     """
-    reader = make_reader(info, config, domain, split, data_dir)
+    reader = make_reader(info, config, domain, split, data_dir, native=True)
     n = len(reader)
     for start in range(0, n, batch_size):
         rows = []
@@ -608,7 +646,21 @@ def eval_batches(
                 slice_index=ex["slice_index"],
                 num_slices=ex["num_slices"],
                 spacing_unit=ex["spacing_unit"],
+                native_shape=np.asarray(ex["native_mask"].shape, np.int32),
+                native_spacing=ex["native_spacing"],
             )
+            if native_masks:
+                row["native_mask"] = ex["native_mask"]
             rows.append(row)
         rows += [dict(rows[0], valid=False)] * (batch_size - len(rows))
-        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        yield {k: _stack([r[k] for r in rows], ragged=k == "native_mask") for k in rows[0]}
+
+
+def _stack(values: list, ragged: bool) -> np.ndarray:
+    """np.stack, or a 1-D object array of the values when their shapes may differ."""
+    if not ragged:
+        return np.stack(values)
+    out = np.empty(len(values), object)
+    for i, v in enumerate(values):  # item by item: equal shapes must not broadcast
+        out[i] = v
+    return out

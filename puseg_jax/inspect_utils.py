@@ -16,13 +16,10 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from puseg_jax import evaluation, metrics, visualize
+from puseg_jax import evaluation, metrics, panels
 from puseg_jax.datasets import DatasetInfo, get_dataset_info
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -277,43 +274,6 @@ def save_figure(fig: Figure, path: str, dpi: int = 100) -> str:
     return path
 
 
-def _legend_handles(info: DatasetInfo) -> list[Patch]:
-    cols = visualize.STRUCTURE_COLOURS
-    handles = [Patch(color=cols[s % len(cols)], label=n) for s, n in enumerate(info.structures)]
-    handles += [
-        Patch(color=visualize.FP_COLOUR, label="false positive"),
-        Patch(color=visualize.FN_COLOUR, label="false negative"),
-    ]
-    return handles
-
-
-def _tile_row(axes, tiles: Sequence[np.ndarray], titles: Sequence[str] | None) -> None:
-    for k, (ax, tile) in enumerate(zip(axes, tiles, strict=True)):
-        ax.imshow(tile, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if titles is not None:
-            ax.set_title(titles[k], fontsize=9)
-
-
-def _finish_tiles(fig: Figure, axes: np.ndarray, info: DatasetInfo) -> None:
-    """The uncertainty colour bar (one fixed scale for every map) and the overlays' legend."""
-    mappable = ScalarMappable(Normalize(0, 1), visualize.UNCERTAINTY_CMAP)
-    fig.colorbar(
-        mappable,
-        ax=axes.ravel().tolist(),
-        shrink=min(0.8, 3 / axes.shape[0] + 0.2),
-        label="uncertainty",
-    )
-    fig.legend(
-        handles=_legend_handles(info),
-        loc="outside lower center",
-        ncol=len(info.structures) + 2,
-        fontsize=8,
-        frameon=False,
-    )
-
-
 def cases_figure(
     wd: Workdir,
     name: str,
@@ -340,16 +300,16 @@ def cases_figure(
     fig = Figure(figsize=(5 * TILE_INCHES + 1.5, n * TILE_INCHES + 1.0), layout="constrained")
     axes = np.asarray(fig.subplots(n, 5, squeeze=False))
     for r, (case_id, idx) in enumerate(cases):
-        arrays = visualize.case_arrays(pred, idx, wd.info, wd.config)
-        j = visualize.representative_slice(arrays["gt"])
-        tiles = visualize.panel_tiles(
+        arrays = evaluation.case_arrays(pred, idx, wd.info, wd.config)
+        j = panels.representative_slice(arrays["gt"])
+        tiles = panels.panel_tiles(
             arrays["image"][j], arrays["gt"][:, j], arrays["pred"][:, j], arrays["uncertainty"][j]
         )
-        _tile_row(axes[r], tiles, visualize.TILE_TITLES if r == 0 else None)
+        panels.tile_row(axes[r], tiles, panels.TILE_TITLES if r == 0 else None)
         where = f" (slice {j})" if wd.info.volumetric else ""
         axes[r, 0].set_ylabel(f"{case_id}{where}\nDice {dice_text(per_case, case_id)}", fontsize=8)
     fig.suptitle(f"{wd.method} on {name} ({wd.role(name)})")
-    _finish_tiles(fig, axes, wd.info)
+    panels.add_scale_and_legend(fig, axes, wd.info.structures)
     return fig
 
 
@@ -390,7 +350,7 @@ def slice_grid_figure(
     cases = dict(evaluation.group_cases(pred, wd.info.volumetric))
     if case_id not in cases:
         raise ValueError(f"{name}: no case {case_id!r}")
-    arrays = visualize.case_arrays(pred, cases[case_id], wd.info, wd.config)
+    arrays = evaluation.case_arrays(pred, cases[case_id], wd.info, wd.config)
     if slices is None:
         slices = volume_slices(arrays, max_slices)
     n = len(slices)
@@ -398,8 +358,8 @@ def slice_grid_figure(
     axes = np.asarray(fig.subplots(n, 5, squeeze=False))
     for r, j in enumerate(slices):
         gt, pm = arrays["gt"][:, j], arrays["pred"][:, j]
-        tiles = visualize.panel_tiles(arrays["image"][j], gt, pm, arrays["uncertainty"][j])
-        _tile_row(axes[r], tiles, visualize.TILE_TITLES if r == 0 else None)
+        tiles = panels.panel_tiles(arrays["image"][j], gt, pm, arrays["uncertainty"][j])
+        panels.tile_row(axes[r], tiles, panels.TILE_TITLES if r == 0 else None)
         slice_dice = ", ".join(
             f"{s} {metrics.compute_dice(pm[k], gt[k]):.2f}"
             for k, s in enumerate(wd.info.structures)
@@ -409,7 +369,7 @@ def slice_grid_figure(
         f"{wd.method} on {name}: {case_id}, {arrays['gt'].shape[1]} slices, "
         f"3-D Dice {dice_text(per_case, case_id)}"
     )
-    _finish_tiles(fig, axes, wd.info)
+    panels.add_scale_and_legend(fig, axes, wd.info.structures)
     return fig
 
 
@@ -587,32 +547,29 @@ def compare_figure(
     if case_ids is None:
         case_ids = [c for c, _ in select_cases(pred_a, pc_a, wd_a.info, num, "worst")]
     n = len(case_ids)
-    fig = Figure(figsize=(8 * TILE_INCHES + 2.5, n * TILE_INCHES + 1.2), layout="constrained")
+    # Each row carries three lines of tile titles above its tiles.
+    height = n * (TILE_INCHES + 0.5) + 1.0
+    fig = Figure(figsize=(8 * TILE_INCHES + 2.0, height), layout="constrained")
     axes = np.asarray(fig.subplots(n, 8, squeeze=False))
     for r, case_id in enumerate(case_ids):
-        a = visualize.case_arrays(pred_a, cases_a[case_id], wd_a.info, wd_a.config)
-        b = visualize.case_arrays(pred_b, cases_b[case_id], wd_b.info, wd_b.config)
-        j = visualize.representative_slice(a["gt"])
-        ta = visualize.panel_tiles(
-            a["image"][j], a["gt"][:, j], a["pred"][:, j], a["uncertainty"][j]
-        )
-        tb = visualize.panel_tiles(
-            b["image"][j], b["gt"][:, j], b["pred"][:, j], b["uncertainty"][j]
-        )
-        titles = ["image", "ground truth"] + [
-            f"{wd.method}: {t}"
-            for wd in (wd_a, wd_b)
-            for t in ("prediction", "uncertainty", "errors")
-        ]
-        _tile_row(axes[r], ta[:2] + ta[2:] + tb[2:], titles if r == 0 else None)
-        where = f" (slice {j})" if wd_a.info.volumetric else ""
-        axes[r, 0].set_ylabel(
-            f"{case_id}{where}\n{wd_a.method}: {dice_text(pc_a, case_id)}\n"
-            f"{wd_b.method}: {dice_text(pc_b, case_id)}",
-            fontsize=8,
-        )
+        a = evaluation.case_arrays(pred_a, cases_a[case_id], wd_a.info, wd_a.config)
+        b = evaluation.case_arrays(pred_b, cases_b[case_id], wd_b.info, wd_b.config)
+        j = panels.representative_slice(a["gt"])
+        ta = panels.panel_tiles(a["image"][j], a["gt"][:, j], a["pred"][:, j], a["uncertainty"][j])
+        tb = panels.panel_tiles(b["image"][j], b["gt"][:, j], b["pred"][:, j], b["uncertainty"][j])
+        # Every tile is titled and the Dice sits in the prediction tiles' titles: a rotated row
+        # label of case, methods and Dice overflowed into the next row for long method names.
+        where = f", slice {j}" if wd_a.info.volumetric else ""
+        titles = [f"{case_id}{where}\nimage", "ground truth"]
+        for wd, pc in ((wd_a, pc_a), (wd_b, pc_b)):
+            titles += [
+                f"{wd.method}\nprediction\nDice {dice_text(pc, case_id)}",
+                f"{wd.method}\nuncertainty",
+                f"{wd.method}\nerrors",
+            ]
+        panels.tile_row(axes[r], ta[:2] + ta[2:] + tb[2:], titles, fontsize=8)
     fig.suptitle(f"{name} ({wd_a.role(name)}): {wd_a.method} vs {wd_b.method}")
-    _finish_tiles(fig, axes, wd_a.info)
+    panels.add_scale_and_legend(fig, axes, wd_a.info.structures)
     return fig
 
 

@@ -1,12 +1,186 @@
-"""Metric writing: JSON lines and TensorBoard (tensorboardX, no TensorFlow), process 0 only."""
+"""What a run writes besides checkpoints: the console, `<workdir>/log.txt`, and the metrics
+(JSON lines and TensorBoard through tensorboardX, no TensorFlow, process 0 only).
 
+The console shows what a user needs: the program's own `[prepare]`, `[train]` and `[eval]`
+lines, the tables, and warnings and errors. What libraries log at INFO (absl, TFDS, orbax,
+grain: hundreds of lines per run) goes to `log.txt` only, which holds the console's lines as
+well; `--verbosity=0` or `1` (absl's flag) or `PUSEG_VERBOSE=1` shows it all
+on the console too (`setup_run_log`).
+"""
+
+import contextlib
 import json
+import logging
 import os
+import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
+
+LOG_FILE = "log.txt"
+VERBOSE_ENV = "PUSEG_VERBOSE"
+# Warnings of the data and checkpoint libraries are routine in every run (TFDS: the builder
+# config variants and image decoder it picks; orbax: a save that waited for the previous one):
+# log.txt keeps them, the console shows their errors only. JAX's own warnings (e.g. a GPU
+# backend that failed to start) and the project's reach the console.
+_CONSOLE_MUTED_WARNINGS = tuple(
+    f"{os.sep}{package}{os.sep}" for package in ("tensorflow_datasets", "orbax", "grain")
+)
+
+
+def verbose_from_env() -> bool:
+    """Whether `PUSEG_VERBOSE` asks for every log line on the console."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class _RunLog:
+    """The active run's log file and console state."""
+
+    def __init__(self, file, console):
+        self.file = file
+        self.console = console  # the real stdout
+        # A progress line was written in place on the terminal and not ended yet.
+        self.open_line = False
+
+    def end_open_line(self) -> None:
+        if self.open_line:
+            self.console.write("\n")
+            self.open_line = False
+
+
+_ACTIVE: _RunLog | None = None
+_PROGRESS_BARS = True  # whether libraries may draw progress bars (TFDS's while building)
+
+
+class _Tee:
+    """sys.stdout / sys.stderr of a run: writes go to the console and to log.txt."""
+
+    def __init__(self, stream, run: _RunLog):
+        self._stream = stream
+        self._run = run
+
+    def write(self, text: str) -> int:
+        if text:
+            self._run.end_open_line()
+            self._stream.write(text)
+            self._run.file.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        self._run.file.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... of the console
+        return getattr(self._stream, name)
+
+
+def _quiet_console(record: logging.LogRecord) -> bool:
+    """Console filter of the default output: warnings and errors, less the data and
+    checkpoint libraries' routine warnings (log.txt keeps every record)."""
+    if record.levelno >= logging.ERROR:
+        return True
+    if record.levelno < logging.WARNING:
+        return False
+    return not any(part in record.pathname for part in _CONSOLE_MUTED_WARNINGS)
+
+
+def _same_file(stream, path: str) -> bool:
+    try:
+        a, b = os.fstat(stream.fileno()), os.stat(path)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def setup_run_log(workdir: str, verbose: bool) -> None:
+    """Sends everything a run prints and logs to `<workdir>/log.txt` (appended), and keeps the
+    console to the program's own lines unless `verbose`.
+
+    Called once by `main.py`, after absl has parsed the flags and installed its log handler;
+    tests and notebooks that call `train.train_and_evaluate` directly keep Python's defaults.
+    When stdout already is that log.txt (`./run.sh experiments` redirects each run's output
+    there), the output is the log: it is left alone, unfiltered, so each line is written once.
+
+    Args:
+      workdir: the run's workdir (created if missing).
+      verbose: show library INFO lines and TFDS progress bars on the console too.
+    """
+    global _ACTIVE, _PROGRESS_BARS
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOG_FILE)
+    file = open(path, "a", buffering=1, encoding="utf-8")  # line-buffered: readable while running
+    if _same_file(sys.stdout, path):
+        file.close()
+        _PROGRESS_BARS = False  # redrawn bars are noise in a file
+        return
+    _PROGRESS_BARS = verbose
+    file.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+    run = _RunLog(file, sys.stdout)
+    sys.stdout = _Tee(sys.stdout, run)
+    sys.stderr = _Tee(sys.stderr, run)
+    handler = logging.StreamHandler(file)
+    handler.setFormatter(absl_logging.PythonFormatter())
+    logging.getLogger().addHandler(handler)
+    if not verbose:
+        absl_logging.get_absl_handler().addFilter(_quiet_console)
+    _ACTIVE = run
+
+
+def progress_bars() -> bool:
+    """Whether libraries may draw progress bars: by default only in verbose runs (and where no
+    run log is set up, as the libraries do)."""
+    return _PROGRESS_BARS
+
+
+def progress(text: str) -> None:
+    """A progress line. On a terminal it replaces the previous one in place; in a pipe or a
+    file (and always in log.txt) it is a plain line."""
+    run = _ACTIVE
+    if run is None or not run.console.isatty():
+        print(text, flush=True)
+        return
+    run.console.write("\r" + text + "\x1b[K")
+    run.console.flush()
+    run.file.write(text + "\n")
+    run.open_line = True
+
+
+class _LogLines:
+    """A stdout that turns each printed line into an INFO log record."""
+
+    def __init__(self):
+        self._buffer = ""
+
+    def write(self, text: str) -> int:
+        self._buffer += text
+        *lines, self._buffer = self._buffer.split("\n")
+        for line in lines:
+            if line.strip():
+                absl_logging.info("%s", line.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.write("\n")
+
+
+@contextlib.contextmanager
+def stdout_to_log():
+    """Inside, what is printed goes to the log at INFO (log.txt; the console when verbose)."""
+    lines = _LogLines()
+    try:
+        with contextlib.redirect_stdout(lines):
+            yield
+    finally:
+        lines.close()
 
 
 class MetricWriter:

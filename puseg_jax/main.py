@@ -1,6 +1,9 @@
 """Entry point: `python -m puseg_jax.main --config configs/demo.py --workdir DIR [--mode eval]`.
 
-The only module that knows about flags; everything else takes a config and a workdir.
+The only module that knows about flags; everything else takes a config and a workdir. The
+console shows the run's `[prepare]`, `[train]` and `[eval]` lines and the table; every log line
+(absl, TFDS, orbax, grain at INFO) is in `WORKDIR/log.txt`, and on the console too with
+`--verbosity=0` or `1` or `PUSEG_VERBOSE=1` (`logging_utils.setup_run_log`).
 """
 
 import os
@@ -18,6 +21,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from puseg_jax import logging_utils
+
+    # absl's --verbosity counts as a request for the library logs only when given: app.run
+    # raises its default to INFO, which would flood the console.
+    verbose = FLAGS["verbosity"].present > 0 or logging_utils.verbose_from_env()
+    logging_utils.setup_run_log(FLAGS.workdir, verbose)
     # Imported here so that XLA_FLAGS set by the caller apply before JAX starts.
     import jax
 

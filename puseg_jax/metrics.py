@@ -18,7 +18,9 @@ Empty-mask convention (per structure and case, never NaN):
   prediction that finds it.
 
 Per-case results carry ``empty_pred`` and ``empty_gt`` flags so that summaries count such cases
-instead of dropping them.
+instead of dropping them. Stacks of slices without a slice distance
+(``compute_slicewise_metrics``) apply the convention per slice, average HD95/ASD over the slices
+where either mask is non-empty, and count the slices that were missed or hallucinated.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ __all__ = [
     "boundary_uncertainty_ratio",
     "brier_score",
     "calibration",
+    "calibration_from_sums",
+    "calibration_sums",
     "compute_case_metrics",
     "compute_dice",
+    "compute_slicewise_metrics",
     "compute_surface_metrics",
     "empty_mask_distance",
     "largest_connected_component",
@@ -298,6 +303,53 @@ def compute_case_metrics(
     }
 
 
+def compute_slicewise_metrics(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float] | None = None,
+    connectivity: int = 1,
+) -> dict[str, float | bool | int]:
+    """Volume Dice and in-plane HD95 / ASD of a stack of slices whose slice distance is unknown.
+
+    Without a slice distance, a distance across slices has no physical meaning: HD95 and ASD are
+    computed in 2-D on each slice (``compute_case_metrics`` of the slice, in the unit of the
+    in-plane `spacing`) and averaged over the slices where the prediction or the ground truth
+    has the structure. Per slice the module's empty-mask convention holds: a slice where exactly
+    one of them is empty (a missed or hallucinated slice) scores the slice diagonal, and a slice
+    where both are empty has nothing to measure and is not averaged (it is counted as not
+    scored). Dice is that of the whole volume.
+
+    Args:
+      pred: predicted mask (D, H, W), slices along the first axis; non-zero is foreground.
+      gt: ground-truth mask of the same shape.
+      spacing: in-plane pixel size (row, col); None means 1 (pixels).
+      connectivity: connectivity used to extract surfaces (1 = medpy's default).
+
+    Returns:
+      ``{"dice", "hd95", "asd", "empty_pred", "empty_gt"}`` as ``compute_case_metrics`` (empty
+      flags of the whole volume; both empty gives Dice 1, HD95 = ASD = 0), and the slice counts
+      ``"slices_scored"`` (prediction or ground truth non-empty), ``"slices_empty_pred"`` (ground
+      truth but no prediction) and ``"slices_empty_gt"`` (prediction but no ground truth).
+    """
+    pred, gt = _check_pair(pred, gt)
+    if pred.ndim != 3:
+        raise ValueError(f"expected a (D, H, W) stack of slices, got shape {pred.shape}")
+    spacing = _spacing_array(spacing, 2)
+    has_pred, has_gt = np.any(pred, axis=(1, 2)), np.any(gt, axis=(1, 2))
+    scored = np.flatnonzero(has_pred | has_gt)
+    per_slice = [compute_case_metrics(pred[k], gt[k], spacing, connectivity) for k in scored]
+    return {
+        "dice": compute_dice(pred, gt),
+        "hd95": float(np.mean([m["hd95"] for m in per_slice])) if per_slice else 0.0,
+        "asd": float(np.mean([m["asd"] for m in per_slice])) if per_slice else 0.0,
+        "empty_pred": not has_pred.any(),
+        "empty_gt": not has_gt.any(),
+        "slices_scored": int(scored.size),
+        "slices_empty_pred": int(np.count_nonzero(has_gt & ~has_pred)),
+        "slices_empty_gt": int(np.count_nonzero(has_pred & ~has_gt)),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Post-processing.
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +527,24 @@ def calibration(
       empty bins (nothing to plot there), which do not contribute to the ECE. The ECE is NaN
       only when there is no prediction at all.
     """
+    return calibration_from_sums(calibration_sums(confidence, correct, n_bins))
+
+
+def calibration_sums(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15
+) -> dict[str, np.ndarray]:
+    """The per-bin sums `calibration` is made of; sums of several sets of predictions (added
+    key by key) give the calibration of their union, so large sets can be scored in parts.
+
+    Args:
+      confidence: as for `calibration`.
+      correct: as for `calibration`.
+      n_bins: number of bins.
+
+    Returns:
+      ``{"bin_counts": (n_bins,) int64, "bin_confidence_sum": (n_bins,), "bin_correct_sum":
+      (n_bins,)}``.
+    """
     confidence = np.asarray(confidence, dtype=np.float64).ravel()
     correct = np.asarray(correct).ravel()
     if confidence.shape != correct.shape:
@@ -482,27 +552,42 @@ def calibration(
     # min/max are NaN if any value is, and NaN fails both comparisons.
     if confidence.size and not (confidence.min() >= 0.0 and confidence.max() <= 1.0):
         raise ValueError("confidence must lie in [0, 1]")
+    bin_index = _right_closed_bin(confidence, _bin_edges(n_bins))
+    return {
+        "bin_counts": np.bincount(bin_index, minlength=n_bins).astype(np.int64),
+        "bin_confidence_sum": np.bincount(bin_index, weights=confidence, minlength=n_bins),
+        "bin_correct_sum": np.bincount(
+            bin_index, weights=correct.astype(np.float64), minlength=n_bins
+        ),
+    }
+
+
+def _bin_edges(n_bins: int) -> np.ndarray:
     # Edges as exact quotients, so that a confidence equal to b / n_bins lands in bin b - 1.
-    bin_edges = np.arange(n_bins + 1, dtype=np.float64) / n_bins
-    bin_index = _right_closed_bin(confidence, bin_edges)
-    counts = np.bincount(bin_index, minlength=n_bins)
-    confidence_sum = np.bincount(bin_index, weights=confidence, minlength=n_bins)
-    correct_sum = np.bincount(bin_index, weights=correct.astype(np.float64), minlength=n_bins)
+    return np.arange(n_bins + 1, dtype=np.float64) / n_bins
+
+
+def calibration_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, float | np.ndarray]:
+    """`calibration`'s result from `calibration_sums` (of one set or added over several)."""
+    counts = np.asarray(sums["bin_counts"], np.int64)
+    confidence_sum = np.asarray(sums["bin_confidence_sum"], np.float64)
+    correct_sum = np.asarray(sums["bin_correct_sum"], np.float64)
+    total = int(counts.sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         bin_confidence = confidence_sum / counts
         bin_accuracy = correct_sum / counts
-    if confidence.size == 0:
+    if total == 0:
         ece = float("nan")
     else:
         # |sum(correct) - sum(confidence)| / N per bin is count-weighted |acc - conf|, with no
         # division by empty counts.
-        ece = float(np.sum(np.abs(correct_sum - confidence_sum)) / confidence.size)
+        ece = float(np.sum(np.abs(correct_sum - confidence_sum)) / total)
     return {
         "ece": ece,
-        "bin_edges": bin_edges,
+        "bin_edges": _bin_edges(counts.size),
         "bin_confidence": bin_confidence,
         "bin_accuracy": bin_accuracy,
-        "bin_counts": counts.astype(np.int64),
+        "bin_counts": counts,
     }
 
 
@@ -520,7 +605,15 @@ def _split_target(probs: np.ndarray, target: np.ndarray) -> str:
     )
 
 
-def brier_score(probs: np.ndarray, target: np.ndarray) -> float:
+def _reduce(values: np.ndarray, reduction: str) -> float:
+    if reduction == "mean":
+        return float(np.mean(values))
+    if reduction == "sum":  # to add over several sets of pixels and divide once
+        return float(np.sum(values))
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def brier_score(probs: np.ndarray, target: np.ndarray, reduction: str = "mean") -> float:
     """Brier score, averaged over pixels.
 
     Two forms, told apart by the shapes:
@@ -535,21 +628,25 @@ def brier_score(probs: np.ndarray, target: np.ndarray) -> float:
     Args:
       probs: probabilities, see above.
       target: labels, see above.
+      reduction: 'mean' over pixels (the score), or 'sum' (the numerator of the mean: the
+        binary form averages over every element of `probs`, the softmax form over `target`'s).
 
     Returns:
       The Brier score (lower is better).
     """
     probs, target = np.asarray(probs), np.asarray(target)
     if _split_target(probs, target) == "binary":
-        return float(np.mean((probs.astype(np.float64) - target.astype(np.float64)) ** 2))
+        return _reduce((probs.astype(np.float64) - target.astype(np.float64)) ** 2, reduction)
     labels = target.astype(np.intp)
     p_true = np.take_along_axis(probs, labels[..., None], axis=-1)[..., 0].astype(np.float64)
     # sum_k (p_k - y_k)^2 = sum_k p_k^2 - 2 p_true + 1; avoids materialising a one-hot array.
     sum_squares = np.einsum("...k,...k->...", probs, probs, dtype=np.float64)
-    return float(np.mean(sum_squares - 2.0 * p_true + 1.0))
+    return _reduce(sum_squares - 2.0 * p_true + 1.0, reduction)
 
 
-def nll(probs: np.ndarray, target: np.ndarray, eps: float = NLL_EPS) -> float:
+def nll(
+    probs: np.ndarray, target: np.ndarray, eps: float = NLL_EPS, reduction: str = "mean"
+) -> float:
     """Negative log-likelihood (natural log), averaged over pixels.
 
     Forms as in ``brier_score``: softmax (`probs` (..., K), integer `target` (...)), where the
@@ -562,6 +659,7 @@ def nll(probs: np.ndarray, target: np.ndarray, eps: float = NLL_EPS) -> float:
       target: labels, see above.
       eps: probabilities of the true class are clipped below at `eps` (default 1e-7) so that a
         confident mistake costs a finite ``-log(eps)`` (about 16.1 nats) instead of infinity.
+      reduction: 'mean' over pixels, or 'sum' (see `brier_score`).
 
     Returns:
       The mean negative log-likelihood in nats (lower is better).
@@ -573,7 +671,7 @@ def nll(probs: np.ndarray, target: np.ndarray, eps: float = NLL_EPS) -> float:
     else:
         labels = target.astype(np.intp)
         p_true = np.take_along_axis(probs, labels[..., None], axis=-1)[..., 0].astype(np.float64)
-    return float(-np.mean(np.log(np.clip(p_true, eps, 1.0))))
+    return -_reduce(np.log(np.clip(p_true, eps, 1.0)), reduction)
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:

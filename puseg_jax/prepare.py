@@ -16,6 +16,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
+from puseg_jax import logging_utils
 from puseg_jax.datasets import DatasetInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,11 @@ def prepare_domain(
         )
         print(f"[prepare] building {info.builder}/{builder.builder_config.name} ...", flush=True)
         dl_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-        builder.download_and_prepare(download_config=dl_config, file_format="array_record")
+        if not logging_utils.progress_bars():
+            tfds.disable_progress_bar()
+        # TFDS prints its own banners: the [prepare] lines say the same, so they go to the log.
+        with logging_utils.stdout_to_log():
+            builder.download_and_prepare(download_config=dl_config, file_format="array_record")
         counts = {k: v.num_examples for k, v in builder.info.splits.items()}
         print(
             f"[prepare] {info.builder}/{builder.builder_config.name}: {counts} "

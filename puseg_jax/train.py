@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding
@@ -21,8 +22,10 @@ from jax.sharding import PartitionSpec as P
 
 from puseg_jax import (
     checkpointing,
+    config_diff,
     evaluation,
     input_pipeline,
+    logging_utils,
     losses,
     models,
     parallel,
@@ -94,7 +97,51 @@ def validate_config(config: ml_collections.ConfigDict) -> DatasetInfo:
         raise ValueError(f"Unknown nan_policy {config.nan_policy!r}")
     if config.eval.uncertainty == "mc_dropout" and config.model.dropout_rate <= 0:
         raise ValueError("eval.uncertainty='mc_dropout' needs model.dropout_rate > 0")
+    if config.eval.get("resolution", "native") not in evaluation.RESOLUTIONS:
+        raise ValueError(
+            f"Unknown eval.resolution {config.eval.resolution!r}; expected one of "
+            f"{evaluation.RESOLUTIONS} (native: the released images' or volumes' own grid; "
+            "network: the network's input grid, as before)"
+        )
+    validate_evals(resolve_evals(config), config)
     return info
+
+
+EVAL_ROLES = ("source_val", "target")
+
+
+def validate_evals(evals: dict[str, dict], config: ml_collections.ConfigDict) -> None:
+    """Refuses evaluators whose role does not match the config's domains.
+
+    A 'source_val' evaluator may only read a source domain (its results may choose the
+    checkpoint) and a 'target' evaluator only a held-out domain: a config whose domains were
+    overridden on the command line while an explicit `config.evals` kept the old roles would
+    otherwise select on the target or report a source as the target.
+    """
+    sources, targets = set(config.data.source_domains), set(config.data.target_domains)
+    for name, ev in evals.items():
+        missing = {"domain", "split", "role"} - set(ev)
+        if missing:
+            raise ValueError(f"Evaluator {name!r} lacks {sorted(missing)} (config.evals.{name})")
+        role, domain = ev["role"], ev["domain"]
+        if role not in EVAL_ROLES:
+            raise ValueError(
+                f"Evaluator {name!r} has unknown role {role!r}; expected one of {EVAL_ROLES}"
+            )
+        if role == "source_val" and domain not in sources:
+            raise ValueError(
+                f"Evaluator {name!r} has role 'source_val' on {domain!r}, which is not a source "
+                f"domain {sorted(sources)}: only sources may validate (and choose checkpoints). "
+                "Fix config.evals or leave it empty to derive it from data.source_domains and "
+                "data.target_domains."
+            )
+        if role == "target" and domain not in targets:
+            where = "a source domain" if domain in sources else "not a target domain"
+            raise ValueError(
+                f"Evaluator {name!r} has role 'target' on {domain!r}, which is {where} "
+                f"(targets {sorted(targets)}). Fix config.evals or leave it empty to derive it "
+                "from data.source_domains and data.target_domains."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,16 +327,48 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
+def check_resume_config(saved: dict, current: dict, allow_change: bool) -> list[str]:
+    """Compares the config a checkpoint was written with to this run's.
+
+    Args:
+      saved: the checkpoint's config (JSON).
+      current: this run's config (JSON).
+      allow_change: `config.allow_config_change`: resume anyway (the changes are printed).
+
+    Returns:
+      Every differing field, incidental ones included (`config_diff.INCIDENTAL_FIELDS`).
+
+    Raises:
+      ValueError: a field that changes the computation differs and `allow_change` is False:
+        resuming would silently mix two experiments in one workdir.
+    """
+    changes = config_diff.changed_fields(saved, current)
+    computational = config_diff.computational_changes(saved, current)
+    if computational and not allow_change:
+        raise ValueError(
+            "The workdir holds a checkpoint written with another config; resuming would mix two "
+            "experiments. Fields that change the computation:\n  "
+            + "\n  ".join(computational)
+            + "\nUse a new workdir, or pass --config.allow_config_change=True if this is "
+            "intended."
+        )
+    return changes
+
+
+def _duration(seconds: float) -> str:
+    """'1:05' for 65 s, '1:02:03' past an hour."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _source_val_line(step: int, results: dict[str, dict], mean_dice: float) -> str:
+    """'[eval] step 100 source_val Dice: Domain2 OD 0.9512 OC 0.8713 | ... | mean 0.9105'."""
+    parts = [
+        f"{name} "
+        + " ".join(f"{s} {r['structures'][s]['dice']['mean']:.4f}" for s in r["structures"])
+        for name, r in results.items()
+    ]
+    return f"[eval] step {step} source_val Dice: {' | '.join(parts)} | mean {mean_dice:.4f}"
 
 
 def _check_finite(pending: list, nan_policy: str, counters: dict) -> None:
@@ -336,6 +415,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evals = resolve_evals(config)
     is_chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    cfg_json = _config_json(config)
+    ckpts = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
+    latest = ckpts.latest_step()
+    # Before anything is written or compiled: a workdir is one experiment.
+    changes = []
+    if latest is not None:
+        try:
+            saved = ckpts.restore_json(latest, "config")
+            changes = check_resume_config(saved, cfg_json, config.allow_config_change)
+        except BaseException:
+            ckpts.close()
+            raise
     if is_chief:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(_config_json(config), f, indent=2)
@@ -348,20 +439,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
     host_state = create_train_state(config, info, model, init_rng)
     writer = evaluation.make_writer(workdir)
-    ckpts = checkpointing.Checkpoints(workdir, config.keep_checkpoints)
-    cfg_json = _config_json(config)
     replicated = NamedSharding(mesh, P())
 
     # ---- restore ----------------------------------------------------------------------------
     counters = {"skipped_steps": 0}
     data_state = None
-    latest = ckpts.latest_step()
     if latest is not None:
         # Whatever device count wrote it: the state is read straight into this run's layout.
         host_state, extra = ckpts.restore(latest, host_state, replicated)
         data_state, counters = extra["data_state"], extra["counters"]
         print(f"[train] resumed from {workdir} at step {latest} (data {data_state})", flush=True)
-        changes = _config_changes(ckpts.restore_json(latest, "config"), cfg_json)
         if changes:
             print(f"[train] config differs from the checkpoint's: {'; '.join(changes)}", flush=True)
     elif config.init_from:
@@ -417,7 +504,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_steps = config.num_train_steps
     preemption = _Preemption()
     pending: list = []
-    t_last, step_last = time.time(), start_step
+    t_start = t_last = time.time()
+    step_last, paused = start_step, 0.0  # paused: evaluation and checkpoint seconds since t_last
     source_val = [n for n, e in evals.items() if e["role"] == "source_val"]
     print(
         f"[train] {config.method} on {list(config.data.source_domains)} -> "
@@ -433,25 +521,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
             state, metrics = p_train_step(state, batch, train_rng)
             pending.append((step, metrics))
+            if step == start_step + 1:
+                # The first step compiles: the rate (and ETA) counts from its end.
+                jax.block_until_ready(metrics)
+                t_last, step_last = time.time(), step
 
             if step % config.log_every_steps == 0 or step == num_steps:
                 pending = [(s, jax.device_get(m)) for s, m in pending]
                 last = pending[-1][1]
                 _check_finite(pending, config.nan_policy, counters)
                 now = time.time()
-                rate = (step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
                 scalars = {f"train/{k}": v for k, v in last.items() if not k.startswith("finite")}
-                scalars["train/steps_per_sec"] = rate
                 scalars["train/skipped_steps"] = counters["skipped_steps"]
+                speed = ""
+                train_seconds = now - t_last - paused
+                if step > step_last and train_seconds > 0:
+                    # Training steps only: evaluations and checkpoints would make the ETA jump.
+                    rate = (step - step_last) / train_seconds
+                    scalars["train/steps_per_sec"] = rate
+                    speed = f", {rate:.2f} steps/s, ETA {_duration((num_steps - step) / rate)}"
+                t_last, step_last, paused = now, step, 0.0
                 writer.scalars(step, scalars)
-                eta = (num_steps - step) / max(rate, 1e-9)
-                print(
-                    f"[train] step {step}/{num_steps} loss {float(last['loss']):.4f} "
-                    f"{rate:.2f} steps/s ETA {eta:.0f} s",
-                    flush=True,
+                logging_utils.progress(
+                    f"[train] step {step}/{num_steps} ({100 * step // num_steps}%) "
+                    f"loss {float(last['loss']):.4f}, elapsed {_duration(now - t_start)}{speed}"
                 )
 
+            t_pause = time.time()
             # Every process takes the same decision at the same step (a collective when several).
             stop = parallel.any_across_processes(preemption.requested)
             if stop or step % config.checkpoint_every_steps == 0 or step == num_steps:
@@ -463,15 +559,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 print(f"[train] preempted: checkpoint at step {step} written, exiting.", flush=True)
                 close()
                 return {"preempted_at_step": step}
-            if source_val and config.eval_every_steps and step % config.eval_every_steps == 0:
-                results = run_evals(source_val, step, full=False)
+            # At the last step the final evaluation below scores this same state on every
+            # evaluator: with model_selection='last' the periodic one would repeat it, and with
+            # 'source_val' it only offers the state as the best checkpoint (said in the log
+            # only, so that the console shows each step's results once).
+            final_step = step == num_steps
+            if (
+                source_val
+                and config.eval_every_steps
+                and step % config.eval_every_steps == 0
+                and not (final_step and config.model_selection == "last")
+            ):
+                # One console line for all source domains; each evaluator's own line is logged.
+                with logging_utils.stdout_to_log():
+                    results = run_evals(source_val, step, full=False)
                 val_dice = evaluation.mean_dice(results)
+                if not final_step:
+                    print(_source_val_line(step, results, val_dice), flush=True)
                 writer.scalars(step, {"eval/source_val_mean_dice": val_dice})
                 if config.model_selection == "source_val":
                     extra = {"data_state": train_iter.get_state(), "counters": counters}
                     ckpts.save_best(
                         step, parallel.unreplicate(state, strategy), extra, cfg_json, val_dice
                     )
+            paused += time.time() - t_pause
     except BaseException:
         close()
         raise
@@ -493,6 +604,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         evals,
         num_steps,
     )
+    if (
+        source_val
+        and config.eval_every_steps
+        and num_steps % config.eval_every_steps == 0
+        and summary["checkpoint"] == "last"
+    ):
+        # The selection scalar of the last step (the periodic evaluation was left to this one).
+        dice = [summary["evals"][n][s]["dice"] for n in source_val for s in summary["structures"]]
+        writer.scalars(num_steps, {"eval/source_val_mean_dice": float(np.mean(dice))})
     summary["skipped_steps"] = counters["skipped_steps"]
     evaluation.write_summary(workdir, summary)
     close()
@@ -510,6 +630,7 @@ def evaluate_checkpoint(
         restored, _ = ckpts.restore(best, host, NamedSharding(mesh, P()), which="best")
         state = parallel.replicate(restored, mesh, strategy)
         selected, step = f"best@{best}", best
+        print(f"[eval] reporting checkpoint {selected} (best source-validation Dice)", flush=True)
     data_dir = prepare.resolve_data_dir(config)
     results = evaluation.evaluate_domains(
         p_eval_step,

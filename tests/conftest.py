@@ -48,11 +48,28 @@ def tiny_workdir(tmp_path_factory, tfds_dir) -> str:
     return workdir
 
 
+# CI sets this: there the real data must be present, and a test that needs it fails instead of
+# skipping (a skip would let a broken data path pass unnoticed). Users' clones have no data.
+REQUIRE_SHARED_DATA = os.environ.get("PUSEG_REQUIRE_SHARED_DATA", "") not in ("", "0")
+
+
+def missing_shared_data(folder: Path = SHARED_DATA) -> None:
+    """Skips the calling test when `folder` is absent, or fails it where the data is required."""
+    if folder.is_dir():
+        return
+    message = f"real data not found at {folder} (it lies beside the checkout in development and CI)"
+    if REQUIRE_SHARED_DATA:
+        pytest.fail(f"{message}; PUSEG_REQUIRE_SHARED_DATA is set, so this is a failure")
+    pytest.skip(message)
+
+
+def pytest_runtest_setup(item):
+    """Tests marked `real_data` need ../shared/data."""
+    if item.get_closest_marker("real_data") is not None:
+        missing_shared_data()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(
-            f"real data not found at {SHARED_DATA} (it lies beside the checkout in "
-            "development and CI only)"
-        )
+    missing_shared_data()
     return SHARED_DATA

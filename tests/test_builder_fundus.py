@@ -9,14 +9,12 @@ from PIL import Image
 
 from data_builders.fundus import Fundus, FundusConfig, fundus_builder
 from data_builders.fundus.fundus import center_crop_window
+from tests.conftest import SHARED_DATA
 
 tfds.disable_progress_bar()
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
 FUNDUS_DIR = SHARED_DATA / "fundus"
-needs_real_data = pytest.mark.skipif(
-    not FUNDUS_DIR.is_dir(), reason=f"real data folder {FUNDUS_DIR} is absent"
-)
 
 # (train, test) counts of the shared copy, as in its README.
 EXPECTED_COUNTS = {
@@ -64,7 +62,6 @@ def fundus_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.real_data
-@needs_real_data
 @pytest.mark.parametrize("domain", sorted(EXPECTED_COUNTS))
 def test_real_domain_counts_and_features(fundus_data_dir, domain):
     sources = tfds.data_source(f"fundus/{domain}", data_dir=fundus_data_dir, decoders=SKIP_IMAGE)
@@ -85,7 +82,6 @@ def test_real_domain_counts_and_features(fundus_data_dir, domain):
 
 
 @pytest.mark.real_data
-@needs_real_data
 @pytest.mark.parametrize("domain", sorted(EXPECTED_COUNTS))
 def test_real_domain_pixels_match_files(fundus_data_dir, domain):
     """Image pixels are stored unchanged; OD = stored value < 255 and OC = stored value 0."""
@@ -104,7 +100,6 @@ def test_real_domain_pixels_match_files(fundus_data_dir, domain):
 
 
 @pytest.mark.real_data
-@needs_real_data
 def test_real_800_roi_is_cropped_to_the_shared_512_copy(tmp_path):
     """A DoFE 800x800 ROI crops to [144:656, 144:656], identical to the 512x512 copy."""
     name = "G-1-L"
@@ -211,20 +206,33 @@ def test_target_only_domain_with_test_split(tmp_path):
 
 
 @pytest.mark.real_data
-@needs_real_data
 def test_store_size_keeps_pipeline_pixels_and_distance_unit(tmp_path):
-    from puseg_jax.input_pipeline import resize
+    from puseg_jax.input_pipeline import preprocess, resize, to_input_size
+    from tests.conftest import test_config
 
     config = FundusConfig(name="Domain2_small", folder="Domain2", store_size=64)
     src = build(Fundus(config=config, data_dir=str(tmp_path)), FUNDUS_DIR)["train"]
     full = build(fundus_builder("Domain2", str(tmp_path)), FUNDUS_DIR)["train"]
     assert len(src) == len(full) == 3
+    experiment = test_config(**{"data.image_size": 64})
     for i in range(3):
         small, ref = src[i], full[i]
         assert small["image"].shape == (64, 64, 3)
         # The same resampling the input pipeline applies to the full-size image.
         np.testing.assert_array_equal(small["image"], resize(ref["image"], 64, False))
-        np.testing.assert_array_equal(small["mask"], resize(ref["mask"], 64, True))
-        # Distances stay in pixels of the released 512x512 ROI.
-        np.testing.assert_allclose(small["spacing"], [8.0, 8.0, 1.0])
+        # The mask stays on the released 512x512 grid, which evaluation scores on, and the
+        # spacing is that of one released pixel.
+        np.testing.assert_array_equal(small["mask"], ref["mask"])
+        np.testing.assert_array_equal(small["spacing"], np.ones(3, np.float32))
         assert small["domain"] == b"Domain2"
+        # The network's input, mask and spacing (in released pixels) are those of the full
+        # build, with and without augmentation.
+        a, b = to_input_size(dict(small), 64), to_input_size(dict(ref), 64)
+        for key in ("image", "mask"):
+            np.testing.assert_array_equal(a[key], b[key])
+        np.testing.assert_allclose(a["spacing"], [8.0, 8.0, 1.0])
+        for rng in (None, 7):
+            pa = preprocess(dict(small), experiment, rng and np.random.default_rng(rng))
+            pb = preprocess(dict(ref), experiment, rng and np.random.default_rng(rng))
+            for key in pa:
+                np.testing.assert_array_equal(pa[key], pb[key])

@@ -14,22 +14,18 @@ from data_builders.prostate import Prostate, ProstateConfig, prostate_builder
 from data_builders.prostate.prostate import (
     SITE_SOURCES,
     binarize_labels,
+    display_to_file,
     load_nifti_pair,
     normalize_intensity,
     split_cases,
 )
+from tests.conftest import SHARED_DATA
 
 tfds.disable_progress_bar()
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
 SLICES_DIR = SHARED_DATA / "prostate_slices"
 NIFTI_CASE = SHARED_DATA / "prostate_nifti" / "promise12_case00"
-needs_slices = pytest.mark.skipif(
-    not SLICES_DIR.is_dir(), reason=f"real data folder {SLICES_DIR} is absent"
-)
-needs_nifti = pytest.mark.skipif(
-    not NIFTI_CASE.is_dir(), reason=f"real data folder {NIFTI_CASE} is absent"
-)
 SITES = list(SITE_SOURCES)
 
 
@@ -68,7 +64,6 @@ def slices_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.real_data
-@needs_slices
 @pytest.mark.parametrize("site", SITES)
 def test_real_slice_sites(slices_data_dir, site):
     sources = tfds.data_source(f"prostate/{site}_slices", data_dir=slices_data_dir)
@@ -96,10 +91,11 @@ def test_real_slice_sites(slices_data_dir, site):
             assert 96 < ys.mean() < 288 and 96 < xs.mean() < 288  # central part of the slice
             np.testing.assert_array_equal(e["spacing"], np.ones(3, np.float32))
             assert e["spacing_unit"] == b"pixel" and e["domain"] == f"{site}_slices".encode()
+            # The stored 384x384 slices are the release's own grid: no native copy.
+            assert "native_mask" not in e
 
 
 @pytest.mark.real_data
-@needs_slices
 def test_real_i2cvb_slices_fail_without_skip_unpaired(tmp_path):
     with pytest.raises(DataError, match="skip_unpaired=True") as error:
         build(prostate_builder("I2CVB", tmp_path, layout="slices"), SLICES_DIR)
@@ -128,7 +124,6 @@ def nifti_site(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.real_data
-@needs_nifti
 def test_real_nifti_case_slices_labels_spacing(nifti_site):
     manual, data_dir = nifti_site
     sources = tfds.data_source("prostate/UCL", data_dir=data_dir)
@@ -153,6 +148,11 @@ def test_real_nifti_case_slices_labels_spacing(nifti_site):
         manual / "UCL/Case00.nii.gz", manual / "UCL/Case00_Segmentation.nii.gz"
     )
     np.testing.assert_array_equal(masks, labels.repeat(3, axis=0).repeat(3, axis=1))
+    # Each slice's label on the volume's own 128x128 grid, with the header's spacing, for
+    # scoring at the original resolution.
+    native = np.stack([e["native_mask"][..., 0] for e in train], axis=-1)
+    np.testing.assert_array_equal(native, labels)
+    np.testing.assert_allclose(train[0]["native_spacing"], [zy, zx, zz], rtol=1e-6)
     assert (
         masks.sum()
         == 9 * np.asarray(nib.load(NIFTI_CASE / "Case00_segmentation.nii.gz").dataobj).sum()
@@ -160,7 +160,6 @@ def test_real_nifti_case_slices_labels_spacing(nifti_site):
 
 
 @pytest.mark.real_data
-@needs_nifti
 def test_real_nifti_no_patient_in_two_splits(nifti_site):
     _, data_dir = nifti_site
     sources = tfds.data_source("prostate/UCL", data_dir=data_dir)
@@ -214,6 +213,12 @@ def test_orientation_is_canonical_whatever_the_stored_axes(tmp_path):
     # Rows run anterior -> posterior, columns patient right -> left.
     assert a_img.shape == (30, 20, 4)
     assert a_img[0, 0, 0] == volume[19, 29, 0]  # Most anterior, most right voxel.
+    # A prediction in this layout goes back to each file's own voxel order.
+    for name, stored in (("ras", volume), ("lps", lps(volume))):
+        image = nib.load(tmp_path / f"{name}.nii.gz")
+        np.testing.assert_array_equal(display_to_file(a_img, image), stored)
+    with pytest.raises(ValueError, match="does not belong"):
+        display_to_file(a_img[:, :10], nib.load(tmp_path / "ras.nii.gz"))
 
 
 def test_generated_site_resize_spacing_and_intensity(tmp_path):
@@ -235,6 +240,11 @@ def test_generated_site_resize_spacing_and_intensity(tmp_path):
     # -> cols 14..17 -> 42..53 at 3x.
     rows, cols = np.nonzero(example["mask"][..., 0])
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (6, 19, 42, 53)
+    # On the volume's own 30x20 grid: rows 3..9, cols 14..17, voxels of (0.6, 0.5, 3.0) mm.
+    rows, cols = np.nonzero(example["native_mask"][..., 0])
+    assert example["native_mask"].shape == (30, 20, 1)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (3, 9, 14, 17)
+    np.testing.assert_allclose(example["native_spacing"], [0.6, 0.5, 3.0], rtol=1e-6)
 
 
 def test_prostate_builder_names_and_registered_configs(tmp_path):

@@ -42,3 +42,13 @@ def test_config_resolves(path):
         assert set(config.data.source_domains) <= set(info.domains) | set(
             config.data.get("extra_domains", ())
         )
+
+
+def test_eval_resolution_is_validated():
+    from puseg_jax import train
+    from tests.conftest import test_config
+
+    assert test_config().eval.resolution == "native"
+    train.validate_config(test_config(**{"eval.resolution": "network"}))
+    with pytest.raises(ValueError, match="eval.resolution 'released'"):
+        train.validate_config(test_config(**{"eval.resolution": "released"}))

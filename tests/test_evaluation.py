@@ -51,6 +51,7 @@ def _volume_pred(rng, cases, num_slices=5, size=24, spacing=(0.5, 0.7, 3.0)):
         "slice_index": np.array([rows[i][1] for i in order]),
         "image": np.stack([rows[i][2] for i in order]),
         "spacing": np.tile(np.asarray(spacing, np.float32), (len(rows), 1)),
+        "spacing_unit": np.array(["mm"] * len(rows)),
     }
 
 
@@ -93,7 +94,8 @@ def test_volumes_are_post_processed_and_scored_in_3d_with_spacing():
     pred["probs"] = np.stack([1 - fg_prob, fg_prob], -1)[inverse]
     pred["mask"] = gt.astype(np.int32)[inverse]
 
-    config = make_config(**{"eval.largest_component": True})
+    # The arrays are on one grid here; native scoring is tested below.
+    config = make_config(**{"eval.largest_component": True, "eval.resolution": "network"})
     masks = evaluation.structure_masks(pred["probs"][idx], info, config)
     assert masks.shape == (1, d, h, h) and not masks[0, 5].any() and masks[0, 1:5].any()
     (row,) = evaluation.score_cases(pred, info, config, full=True)
@@ -145,6 +147,209 @@ def test_uncertainty_quality_on_known_errors():
     assert q["u_boundary"] > q["u_interior"]
     assert len(q["reliability"]["bin_counts"]) == 15
     assert sum(q["reliability"]["bin_counts"]) == probs[..., 0].size
+
+
+# ---------------------------------------------------------------------------------------------
+# Native-resolution scoring on hand-made arrays.
+
+
+def _native_pred(native_masks, probs, spacing_unit="pixel", native_spacing=(1.0, 1.0, 1.0)):
+    """predict_split-like output of 2-D examples: network-grid probabilities, each example's
+    class mask on its own native grid, and the nearest-resized mask on the network's grid."""
+    from puseg_jax import input_pipeline
+
+    n, size = len(probs), probs.shape[1]
+    native = np.empty(n, object)
+    for i, m in enumerate(native_masks):
+        native[i] = m.astype(np.uint8)
+    net_spacing = [
+        [m.shape[0] / size * native_spacing[0], m.shape[1] / size * native_spacing[1], 1.0]
+        for m in native_masks
+    ]
+    return {
+        "case_id": np.array([f"case{i}" for i in range(n)]),
+        "slice_index": np.zeros(n, np.int32),
+        "probs": probs.astype(np.float32),
+        "uncertainty": np.abs(probs[..., 0] - 0.5).astype(np.float32),
+        "mask": np.stack(
+            [
+                input_pipeline.resize(m[..., None].astype(np.uint8), size, True)[..., 0]
+                for m in native_masks
+            ]
+        ).astype(np.int32),
+        "spacing": np.asarray(net_spacing, np.float32),
+        "spacing_unit": np.array([spacing_unit] * n),
+        "native_shape": np.array([m.shape for m in native_masks], np.int32),
+        "native_spacing": np.tile(np.asarray(native_spacing, np.float32), (n, 1)),
+        "native_mask": native,
+    }
+
+
+def _structures_to_classes(masks):
+    """Nested structure masks [S, ...] (sigmoid) -> class mask (0, 1, .., S)."""
+    return np.sum(masks, axis=0).astype(np.uint8)
+
+
+def test_structure_thinner_than_a_network_pixel_scores_differently():
+    from puseg_jax import evaluation
+    from puseg_jax.datasets import get_dataset_info
+
+    info = get_dataset_info("synth_fundus")
+    # 64x64 released image, 16x16 network grid: one network pixel spans 4 released pixels.
+    yy, xx = np.mgrid[:64, :64]
+    native = np.where(np.hypot(yy - 31.5, xx - 31.5) < 22, 1, 0)
+    native[12:52, 33:35] = 2  # a cup 2 released pixels wide
+    pred = _native_pred([native], np.zeros((1, 16, 16, 2)))
+    net = pred["mask"][0]
+    assert (net == 2).any() and (net == 2).sum(axis=1).max() == 1  # one network pixel wide
+    # The network predicts its own (nearest-resized) ground truth exactly.
+    pred["probs"][0] = np.stack([net >= 1, net == 2], -1) * 0.8 + 0.1
+    rows = {}
+    for resolution in ("network", "native"):
+        config = make_config(**{"eval.resolution": resolution})
+        (rows[resolution],) = evaluation.score_cases(pred, info, config, full=True)
+    assert rows["network"]["OC"]["dice"] == 1.0 and rows["network"]["OC"]["hd95"] == 0.0
+    # Natively, a cup one network pixel wide cannot match a 2-pixel ground truth.
+    oc = rows["native"]["OC"]
+    assert oc["dice"] < 0.8 and 0 < oc["hd95"] < 4
+    assert rows["native"]["OD"]["dice"] < 1.0
+
+
+def test_native_scores_of_a_perfect_upsampled_prediction_are_exact():
+    from scipy import ndimage
+
+    from puseg_jax import evaluation
+    from puseg_jax.datasets import get_dataset_info
+
+    info = get_dataset_info("synth_fundus")
+    rng = np.random.default_rng(3)
+    # Smooth probabilities: one blob per channel, the cup's inside the disc's.
+    yy, xx = np.mgrid[:16, :16]
+    radius = np.hypot(yy - 7.5 + rng.uniform(-1, 1), xx - 7.5)
+    probs = np.stack([1 / (1 + np.exp(radius - 6)), 1 / (1 + np.exp(radius - 3))], -1)
+    probs = np.stack([probs, ndimage.shift(probs, (1, -1, 0), order=1, mode="nearest")])
+    # Native grids of other sizes and aspect ratios than the network's.
+    shapes = [(61, 61), (48, 72)]
+    config = make_config()  # native by default
+    native = [
+        _structures_to_classes(evaluation.structure_masks(evaluation.to_native(p, s), info, config))
+        for p, s in zip(probs, shapes, strict=True)
+    ]
+    pred = _native_pred(native, probs)
+    for row in evaluation.score_cases(pred, info, config, full=True):
+        for s in info.structures:
+            assert row[s]["dice"] == 1.0 and row[s]["hd95"] == 0.0 and row[s]["asd"] == 0.0
+            assert not row[s]["empty_gt"]
+    # The same arrays on the network grid are not perfect: the ground truth there is resized.
+    network = evaluation.score_cases(
+        pred, info, make_config(**{"eval.resolution": "network"}), full=True
+    )
+    assert min(r[s]["dice"] for r in network for s in info.structures) < 1.0
+
+
+def test_native_volumes_stack_slices_and_use_the_native_spacing():
+    from puseg_jax import evaluation, metrics
+    from puseg_jax.datasets import get_dataset_info
+
+    info = get_dataset_info("synth_prostate")
+    rng = np.random.default_rng(4)
+    pred = _volume_pred(rng, cases=1, num_slices=4, size=16)
+    ((_, idx),) = evaluation.group_cases(pred, volumetric=True)
+    yy, xx = np.mgrid[:16, :16]
+    fg = np.stack([1 / (1 + np.exp(np.hypot(yy - 8, xx - 7) - r)) for r in (2, 4, 5, 3)])
+    probs = np.stack([1 - fg, fg], -1)  # [D, 16, 16, 2] in slice order
+    native_shape, native_spacing = (40, 30), (0.4, 0.5, 3.0)
+    gt = np.stack([evaluation.to_native(p, native_shape).argmax(-1) for p in probs])
+    gt[0] = 0  # a slice without gland, hallucinated by the prediction
+    inverse = np.argsort(idx)
+    n = len(idx)
+    pred["probs"] = probs[inverse].astype(np.float32)
+    pred["mask"] = np.zeros((n, 16, 16), np.int32)  # not used natively
+    pred["native_shape"] = np.tile(native_shape, (n, 1))
+    pred["native_spacing"] = np.tile(np.asarray(native_spacing, np.float32), (n, 1))
+    pred["native_mask"] = np.empty(n, object)
+    for j, i in enumerate(inverse):
+        pred["native_mask"][j] = gt[i].astype(np.uint8)
+    config = make_config(**{"eval.largest_component": False})
+    (row,) = evaluation.score_cases(pred, info, config, full=True)
+    pm = np.stack([evaluation.to_native(p, native_shape).argmax(-1) for p in probs]) == 1
+    expected = metrics.compute_case_metrics(pm, gt == 1, spacing=(3.0, 0.4, 0.5))
+    assert row["prostate"] == pytest.approx(expected)
+    assert 0 < row["prostate"]["hd95"] and row["prostate"]["dice"] < 1
+    # Native shapes that differ between the slices of one volume cannot be stacked.
+    pred["native_shape"][0] = (41, 30)
+    with pytest.raises(ValueError, match="different native shapes"):
+        evaluation.score_cases(pred, info, config, full=True)
+
+
+def test_slices_without_spacing_get_per_slice_distances():
+    from puseg_jax import evaluation
+    from puseg_jax.datasets import get_dataset_info
+
+    info = get_dataset_info("prostate_slices")
+    rng = np.random.default_rng(5)
+    pred = _volume_pred(rng, cases=1, num_slices=3, size=8, spacing=(3.0, 3.0, 1.0))
+    ((_, idx),) = evaluation.group_cases(pred, volumetric=True)
+    inverse = np.argsort(idx)
+    gt = np.zeros((3, 24, 24), np.uint8)
+    gt[1, 6:18, 6:18] = 1  # slice 0: nothing anywhere; slice 2: gland missed
+    gt[2, 8:12, 8:12] = 1
+    fg = np.zeros((3, 8, 8))
+    fg[1, 2:6, 2:6] = 1
+    probs = np.stack([1 - fg, fg], -1) * 0.8 + 0.1
+    n = 3
+    pred.update(
+        probs=probs[inverse].astype(np.float32),
+        mask=np.zeros((n, 8, 8), np.int32),
+        spacing_unit=np.array(["pixel"] * n),
+        native_shape=np.tile((24, 24), (n, 1)),
+        native_spacing=np.ones((n, 3), np.float32),
+        uncertainty=np.zeros((n, 8, 8), np.float32),
+    )
+    pred["native_mask"] = np.empty(n, object)
+    for j, i in enumerate(inverse):
+        pred["native_mask"][j] = gt[i]
+    config = make_config()
+    (row,) = evaluation.score_cases(pred, info, config, full=True)
+    r = row["prostate"]
+    assert (r["slices_scored"], r["slices_empty_pred"], r["slices_empty_gt"]) == (2, 1, 0)
+    # Slice 1 is perfect; the missed slice 2 scores the slice diagonal (24 * sqrt 2).
+    assert r["hd95"] == pytest.approx(24 * np.sqrt(2) / 2) and r["dice"] < 1
+    res, _ = evaluation.score_split(
+        pred, info, config, {"domain": "X", "split": "test", "role": "target"}, step=1
+    )
+    assert res["distance"] == "2-D per slice, released pixels" and res["resolution"] == "native"
+    assert res["structures"]["prostate"]["n_slices_empty_pred"] == 1
+    assert res["uncertainty_resolution"] == "native"
+    # On the network grid the volume is measured in 3-D, as before.
+    net_config = make_config(**{"eval.resolution": "network"})
+    net, _ = evaluation.score_split(
+        pred, info, net_config, {"domain": "X", "split": "test", "role": "target"}, step=1
+    )
+    assert (
+        net["distance"]
+        == "3-D on the network grid, released pixels, slice distance taken as 1 pixel"
+    )
+    assert "n_slices_scored" not in net["structures"]["prostate"]
+
+
+def test_uncertainty_quality_native_equals_network_on_one_grid():
+    from puseg_jax import evaluation
+    from puseg_jax.datasets import get_dataset_info
+
+    info = get_dataset_info("synth_fundus")
+    rng = np.random.default_rng(6)
+    masks = [
+        np.where(rng.random((16, 16)) < 0.5, 1, 0) + (rng.random((16, 16)) < 0.2) for _ in range(3)
+    ]
+    pred = _native_pred(masks, rng.random((3, 16, 16, 2)))
+    pred["uncertainty"] = rng.random((3, 16, 16)).astype(np.float32)
+    network = evaluation.uncertainty_quality(pred, info, 2, "network")
+    native = evaluation.uncertainty_quality(pred, info, 2, "native")
+    reliability = native.pop("reliability")
+    for key, value in network.pop("reliability").items():
+        np.testing.assert_allclose(reliability[key], value, rtol=1e-12)
+    assert native == pytest.approx(network, rel=1e-9)
 
 
 def test_model_selection_refuses_target_domains():
@@ -302,6 +507,10 @@ def test_reports_of_the_trained_workdir(tiny_workdir):
         out = os.path.join(tiny_workdir, "eval", name)
         dom = _strict_json(os.path.join(out, "summary.json"))
         assert dom["distance_unit"] == "pixel" and dom["role"] == ev["role"]
+        # Scored on the released 48x48 images, not the 32x32 network grid.
+        assert dom["resolution"] == ev["resolution"] == "native"
+        assert dom["distance"] == ev["distance"] == "2-D, released pixels"
+        assert dom["uncertainty_resolution"] == ev["uncertainty_resolution"] == "native"
         for s in ("OD", "OC"):
             sm = dom["structures"][s]
             for m in ("dice", "hd95", "asd"):
@@ -321,6 +530,8 @@ def test_reports_of_the_trained_workdir(tiny_workdir):
         with np.load(os.path.join(out, "predictions.npz")) as z:
             assert len(z["probability"]) == dom["num_examples"] == len(z["case_id"])
             assert {"image", "label", "uncertainty", "slice_index"} <= set(z.files)
+            assert z["label"].shape[1:] == (config.data.image_size,) * 2
+            assert (z["native_shape"] == 48).all() and str(z["resolution"]) == "native"
     # The target is scored at the end only; periodic evaluation (model selection) sees only the
     # source domains' validation splits.
     with open(os.path.join(tiny_workdir, "metrics.jsonl")) as f:
@@ -359,3 +570,71 @@ def test_eval_only_reproduces_the_final_evaluation_on_one_device(tiny_workdir, t
                 )
     for name in trained["evals"]:
         assert os.path.isfile(os.path.join(workdir, "eval", name, "per_case.csv"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A real NIfTI volume, scored on its original grid.
+
+
+def test_nifti_cases_are_scored_on_their_original_grid(shared_data, tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import nibabel as nib
+    import tensorflow_datasets as tfds
+
+    from data_builders.prostate import prostate_builder
+    from data_builders.prostate.prostate import display_to_file, load_nifti_pair
+    from puseg_jax import evaluation, input_pipeline, metrics, parallel
+    from puseg_jax.datasets import get_dataset_info
+
+    # The PROMISE12 case (128x128x64 voxels) as a one-case site: stored as 64 slices of
+    # 384x384, predicted at 32x32, scored on 64 slices of 128x128 in mm.
+    case = shared_data / "prostate_nifti" / "promise12_case00"
+    site = tmp_path / "manual" / "UCL"
+    site.mkdir(parents=True)
+    for f in ("Case00.nii.gz", "Case00_segmentation.nii.gz"):
+        (site / f).symlink_to(case / f)
+    data_dir = str(tmp_path / "tfds")
+    prostate_builder("UCL", data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual")),
+        file_format="array_record",
+    )
+    config = make_config(
+        **{"data.name": "prostate", "data.build_kwargs": {}, "data.context_slices": 1}
+    )
+    info = get_dataset_info("prostate")
+    mesh = parallel.create_mesh(0)
+    step = parallel.wrap_eval_step(_image_only_step(info.label_mode), mesh, "jit")
+    state = parallel.replicate(jnp.zeros(()), mesh, "jit")
+    pred = evaluation.predict_split(
+        step, state, jax.random.key(0), config, info, data_dir, mesh, "jit", "UCL", "train"
+    )
+    assert pred["probs"].shape == (64, 32, 32, 2) and pred["mask"].shape == (64, 32, 32)
+    assert (pred["native_shape"] == 128).all()
+
+    ((case_id, idx),) = evaluation.group_cases(pred, volumetric=True)
+    probs, mask, spacing = evaluation.scored_case(pred, idx, info, "native")
+    _, labels, zooms = load_nifti_pair(case / "Case00.nii.gz", case / "Case00_segmentation.nii.gz")
+    assert probs.shape == (64, 128, 128, 2)
+    np.testing.assert_array_equal(mask, labels.transpose(2, 0, 1))  # the unresized label
+    np.testing.assert_allclose(spacing, [zooms[2], zooms[0], zooms[1]], rtol=1e-6)  # mm
+
+    res, (row,) = evaluation.score_split(
+        pred, info, config, {"domain": "UCL", "split": "train", "role": "target"}, step=1
+    )
+    assert (res["distance"], res["distance_unit"]) == ("3-D, mm", "mm")
+    pm = evaluation.structure_masks(probs, info, config)[0]
+    expected = metrics.compute_case_metrics(pm, mask == 1, spacing)
+    assert row["prostate"] == pytest.approx(expected)
+    assert row["num_slices"] == 64
+    # The prediction maps back onto the file's own voxel grid, voxel for voxel.
+    image = nib.load(case / "Case00.nii.gz")
+    back = display_to_file(np.moveaxis(pm, 0, -1), image)
+    assert back.shape == image.shape
+    file_label = np.asarray(nib.load(case / "Case00_segmentation.nii.gz").dataobj) > 0
+    np.testing.assert_array_equal(display_to_file(labels, image) > 0, file_label)
+
+    # Training reads no native mask: its PNG stays undecoded.
+    reader = input_pipeline.make_reader(info, config, "UCL", "train", data_dir)
+    assert "native_mask" not in reader(0)
+    assert isinstance(reader.source[0]["native_mask"], bytes)

@@ -10,9 +10,23 @@ import pytest
 from puseg_jax import experiments, losses
 
 
-def _fake_run(root, target, method, seed, dice, per_case, wall_s=60.0, auroc=0.9, ratio=3.0):
+def _fake_run(
+    root,
+    target,
+    method,
+    seed,
+    dice,
+    per_case,
+    wall_s=60.0,
+    auroc=0.9,
+    ratio=3.0,
+    variant=None,
+    suite="cpu",
+    val=(0.9, 0.7),
+    val_hd95=(3.0, 5.0),
+):
     """A finished run: summary.json, eval/<target>/per_case.csv and wall_time.json."""
-    workdir = experiments.run_dir(root, "fundus", target, method, seed)
+    workdir = experiments.run_dir(root, "fundus", suite, target, variant or method, seed)
     (workdir / "eval" / target).mkdir(parents=True)
     summary = {
         "method": method,
@@ -30,8 +44,9 @@ def _fake_run(root, target, method, seed, dice, per_case, wall_s=60.0, auroc=0.9
             "Domain4": {
                 "role": "source_val",
                 "split": "test",
-                "OD": {"dice": 0.9},
-                "OC": {"dice": 0.7},
+                "num_cases": 3,
+                "OD": {"dice": val[0], "hd95": val_hd95[0]},
+                "OC": {"dice": val[1], "hd95": val_hd95[1]},
             },
         },
     }
@@ -64,7 +79,7 @@ def fake_suite(tmp_path):
 def test_aggregate_means_and_stds(fake_suite):
     runs = experiments.collect(fake_suite, "fundus")
     assert len(runs) == 5
-    rows = {(r["target"], r["method"]): r for r in experiments.aggregate(runs)}
+    rows = {(r["target"], r["variant"]): r for r in experiments.aggregate(runs)}
     erm = rows[("Domain1", "erm")]
     assert erm["seeds"] == [0, 1]
     mean, std, n = erm["stats"]["OD/dice"]
@@ -76,11 +91,13 @@ def test_aggregate_means_and_stds(fake_suite):
     single = rows[("Domain3", "ours")]
     assert single["stats"]["auroc_error"] == (0.8, 0.0, 1)
     # Method order follows losses.METHODS within a target.
-    ordered = [(r["target"], r["method"]) for r in experiments.aggregate(runs)]
+    ordered = [(r["target"], r["variant"]) for r in experiments.aggregate(runs)]
     assert ordered == [("Domain1", "erm"), ("Domain1", "ours"), ("Domain3", "ours")]
     # Restricting by seed or method.
     assert len(experiments.collect(fake_suite, "fundus", seeds=[1])) == 2
-    assert len(experiments.collect(fake_suite, "fundus", methods=["erm"])) == 2
+    assert len(experiments.collect(fake_suite, "fundus", variants=["erm"])) == 2
+    # Another suite (budget or layout) is never read.
+    assert experiments.collect(fake_suite, "fundus", suite="paper") == []
 
 
 def test_paired_comparison_by_hand(fake_suite):
@@ -88,14 +105,41 @@ def test_paired_comparison_by_hand(fake_suite):
     # Domain3 has no erm run: only Domain1 is compared.
     assert {p["target"] for p in paired} == {"Domain1"}
     od = next(p for p in paired if p["structure"] == "OD")
-    # Per-case differences averaged over the two seeds: a 0.03, b 0.03, c -0.005.
+    # Per-case differences: seed 0 (+0.02, +0.04, -0.02), seed 1 (+0.04, +0.02, +0.01).
     assert od["num_cases"] == 3 and od["seeds"] == [0, 1]
     assert od["mean_diff"] == pytest.approx(0.055 / 3)
-    assert od["wins"] == 2
+    assert od["seed_diffs"] == pytest.approx([0.04 / 3, 0.07 / 3])
+    assert od["wins"] == 2 and (od["method"], od["baseline"]) == ("ours", "erm")
     lo, hi = od["ci95"]
-    assert -0.005 - 1e-12 <= lo < 0.055 / 3 < hi <= 0.03 + 1e-12
+    assert -0.02 - 1e-12 <= lo < 0.055 / 3 < hi <= 0.04 + 1e-12
     oc = next(p for p in paired if p["structure"] == "OC")
     assert oc["mean_diff"] == pytest.approx((0.05 + 0.0 + 0.05) / 3)
+
+
+def test_hierarchical_bootstrap_counts_seeds():
+    rng = np.random.default_rng(0)
+    cases = 80
+    # One seed carries the whole gain; the other two show none (zero-mean case noise).
+    noise = rng.normal(0.0, 0.01, size=(3, cases))
+    noise -= noise.mean(axis=1, keepdims=True)
+    one_seed = noise + np.array([[0.0], [0.039], [0.0]])
+    lo, hi = experiments.hierarchical_bootstrap_interval(one_seed)
+    assert lo <= 0.0 < hi, (lo, hi)
+    # The bootstrap over seed-averaged cases (the old table) calls the same data certain.
+    lo_cases, _ = experiments.bootstrap_interval(one_seed.mean(axis=0))
+    assert lo_cases > 0.0
+    # The same mean gain in every seed is found.
+    every_seed = noise + 0.013
+    lo, hi = experiments.hierarchical_bootstrap_interval(every_seed)
+    assert 0.0 < lo < 0.013 < hi
+    assert experiments.verdict((lo, hi)) == "better"
+    assert experiments.verdict((-0.02, -0.01)) == "worse"
+    assert experiments.verdict((-0.01, 0.02)) == "no difference shown"
+    # One seed: the bootstrap over cases (same resampling scheme, same interval).
+    single = experiments.hierarchical_bootstrap_interval(every_seed[:1])
+    assert single == pytest.approx(experiments.bootstrap_interval(every_seed[0]), abs=2e-4)
+    with pytest.raises(ValueError, match="seeds, cases"):
+        experiments.hierarchical_bootstrap_interval(np.zeros(4))
 
 
 def test_bootstrap_interval():
@@ -109,7 +153,7 @@ def test_bootstrap_interval():
 
 
 def test_unpairable_runs_raise(fake_suite):
-    path = fake_suite / "fundus" / "Domain1" / "ours" / "seed0" / "eval" / "Domain1"
+    path = fake_suite / "fundus" / "cpu" / "Domain1" / "ours" / "seed0" / "eval" / "Domain1"
     with open(path / "per_case.csv", "a", newline="") as f:
         csv.writer(f).writerow(["d", "OD", 0.5, 1, 1, False, False])
     with pytest.raises(ValueError, match="different cases"):
@@ -118,19 +162,102 @@ def test_unpairable_runs_raise(fake_suite):
 
 def test_table_mode_writes_results(fake_suite, capsys):
     assert experiments.main(["table", "fundus", "--root", str(fake_suite)]) == 0
-    text = (fake_suite / "fundus" / "results.md").read_text()
+    text = (fake_suite / "fundus" / "cpu" / "results.md").read_text()
     assert text in capsys.readouterr().out
     assert "| Domain1 | erm | 2 | 0.8500 ± 0.0707 |" in text
     # One seed: no spread to show.
     assert "| Domain3 | ours | 1 | 0.7000 | 0.5000 |" in text
-    assert "| Domain1 | OD | 3 | 2 | +0.0183 |" in text
-    assert "## Mean over targets" in text
-    data = json.loads((fake_suite / "fundus" / "results.json").read_text())
-    assert len(data["rows"]) == 3 and len(data["paired_ours_vs_erm"]) == 2
+    assert "| Domain1 | OD | ours | erm | 3 | 2 | +0.0183 | +0.0133, +0.0233 |" in text
+    assert "## Mean over targets" in text and "## Source validation" in text
+    assert "Scored at resolution: network" in text
+    data = json.loads((fake_suite / "fundus" / "cpu" / "results.json").read_text())
+    assert len(data["rows"]) == 3 and len(data["paired"]) == 2
+    assert data["choice"] is None
+
+
+def test_variants_are_compared_and_the_default_is_chosen_on_source_validation(tmp_path):
+    cases = {"a": (0.9, 0.7), "b": (0.8, 0.6)}
+    lam3 = "ours__loss.lambda_max=3"
+    for target in ("Domain1", "Domain3"):
+        for seed in (0, 1):
+            # Target Dice favours lambda 3; source validation favours no highlighting, with
+            # lambda 3 tied on Dice but with the larger source-validation HD95.
+            _fake_run(tmp_path, target, "ours", seed, (0.8, 0.6), cases, val=(0.90, 0.70))
+            _fake_run(
+                tmp_path,
+                target,
+                "ours",
+                seed,
+                (0.9, 0.7),
+                cases,
+                variant=lam3,
+                val=(0.905, 0.70),
+                val_hd95=(4.0, 6.0),
+            )
+            _fake_run(
+                tmp_path,
+                target,
+                "ours_no_highlight",
+                seed,
+                (0.7, 0.5),
+                cases,
+                val=(0.906, 0.70),
+                val_hd95=(2.0, 4.0),
+            )
+            _fake_run(tmp_path, target, "erm", seed, (0.7, 0.5), cases, val=(0.80, 0.60))
+    argv = ["table", "fundus", "--root", str(tmp_path), "--choose"]
+    argv += ["--compare", f"{lam3}:ours_no_highlight", "ours:erm"]
+    assert experiments.main(argv) == 0
+    data = json.loads((tmp_path / "fundus" / "cpu" / "results.json").read_text())
+    assert data["choice"]["chosen"] == "ours_no_highlight"
+    assert {c["variant"] for c in data["choice"]["candidates"]} == {
+        "ours",
+        lam3,
+        "ours_no_highlight",
+    }
+    pairs = {(p["method"], p["baseline"]) for p in data["paired"]}
+    assert pairs == {(lam3, "ours_no_highlight"), ("ours", "erm")}
+    text = (tmp_path / "fundus" / "cpu" / "results.md").read_text()
+    assert "**Chosen: `ours_no_highlight`.**" in text
+    # The source-validation columns are the pooled values of the run summaries.
+    rows = {(r["target"], r["variant"]): r for r in data["rows"]}
+    assert rows[("Domain1", lam3)]["stats"]["source_val/OD/hd95"][0] == pytest.approx(4.0)
+    with pytest.raises(SystemExit):
+        experiments.main(["table", "fundus", "--root", str(tmp_path), "--compare", "ours"])
+
+
+def test_run_folders_name_everything_that_changes_the_computation(tmp_path):
+    base = ["--config.data.data_dir=/d", "--config.data.manual_dir=/m"]
+    plain = experiments.plan_runs("fundus", ["ours"], ["Domain1"], [0], tmp_path, overrides=base)
+    lam = experiments.plan_runs(
+        "fundus",
+        ["ours"],
+        ["Domain1"],
+        [0],
+        tmp_path,
+        overrides=base + ["--config.loss.lambda_max=3", "--config.loss.highlight_terms=ce+unc"],
+    )
+    paper = experiments.plan_runs(
+        "fundus", ["ours"], ["Domain1"], [0], tmp_path, budget="paper", overrides=base
+    )
+    nifti = experiments.plan_runs("prostate", ["ours"], ["HK"], [0], tmp_path, nifti=True)
+    assert plain[0]["workdir"] == str(tmp_path / "fundus" / "cpu" / "Domain1" / "ours" / "seed0")
+    assert lam[0]["variant"] == "ours__loss.highlight_terms=ce+unc__loss.lambda_max=3"
+    assert paper[0]["workdir"] == str(tmp_path / "fundus" / "paper" / "Domain1" / "ours" / "seed0")
+    assert "/prostate/cpu_nifti/HK/ours/seed0" in nifti[0]["workdir"]
+    assert len({r[0]["workdir"] for r in (plain, lam, paper)}) == 3
+    with pytest.raises(ValueError, match="set by the runner"):
+        experiments.variant_name("ours", ["--config.method=erm"])
+    with pytest.raises(ValueError, match="--config.FIELD=VALUE"):
+        experiments.variant_name("ours", ["--loss.lambda_max=3"])
 
 
 def test_dry_run_plans_every_run_and_skips_finished_ones(tmp_path, capsys):
+    # The override changes the computation, so it names the variant: a finished run of plain
+    # `erm` would not count as done.
     _fake_run(tmp_path, "Domain1", "erm", 0, (0.8, 0.6), {"a": (0.8, 0.6)})
+    variant = "erm__num_train_steps=2"
+    _fake_run(tmp_path, "Domain1", "erm", 0, (0.8, 0.6), {"a": (0.8, 0.6)}, variant=variant)
     argv = ["fundus", "erm", "ours", "--targets", "Domain1", "Domain3", "--seeds", "0", "1"]
     argv += ["--root", str(tmp_path), "--dry-run", "--config.num_train_steps=2"]
     argv += ["--manual-dir", "/data/fundus"]
@@ -139,10 +266,10 @@ def test_dry_run_plans_every_run_and_skips_finished_ones(tmp_path, capsys):
     commands = [line for line in out.splitlines() if "puseg_jax.main" in line]
     assert len(commands) == 2 * 2 * 2 - 1
     assert "8 runs, 1 done, 7 to run" in out
-    assert not any("Domain1/erm/seed0" in c for c in commands)
+    assert not any(f"Domain1/{variant}/seed0" in c for c in commands)
     first = commands[0]
     assert "--config=configs/fundus.py:Domain1,cpu" in first
-    assert f"--workdir={tmp_path}/fundus/Domain1/erm/seed1" in first
+    assert f"--workdir={tmp_path}/fundus/cpu/Domain1/{variant}/seed1" in first
     for part in ("--config.method=erm", "--config.seed=1", "--config.num_train_steps=2"):
         assert part in first
     assert "--config.data.manual_dir=/data/fundus" in first
@@ -173,7 +300,7 @@ def test_planned_configs_load_and_validate(tmp_path, family, budget, nifti):
         train.validate_config(config)
         assert list(config.data.target_domains) == [run["target"]]
         assert run["target"] not in config.data.source_domains
-        roles = {n: e["role"] for n, e in config.evals.items()}
+        roles = {n: e["role"] for n, e in train.resolve_evals(config).items()}
         assert roles.pop(run["target"]) == "target"
         assert set(roles.values()) == {"source_val"}
         assert set(roles) == set(config.data.source_domains)

@@ -69,6 +69,20 @@ def _fake_workdir(tmp_path, family="fundus", step=7, **overrides) -> str:
     return str(workdir)
 
 
+def _cli(argv) -> dict:
+    """The command line's flags as `evaluate_external` takes them (`main` also sets up the
+    process-wide run log, which a test must not)."""
+    from puseg_jax import evaluate
+
+    args = vars(evaluate.parse_args(argv))
+    assert args.pop("verbose") is False
+    return evaluate.evaluate_external(**args)
+
+
+def _dice(a, b) -> float:
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
 def _no_partial(workdir) -> None:
     left = [d for d in os.listdir(os.path.join(workdir, "eval")) if d.startswith(".partial")]
     assert not left, left
@@ -146,10 +160,13 @@ def test_prostate_test_only_site_with_and_without_labels(tmp_path):
         assert set(source) == {"test"}  # every case in the one split, no patient split
         assert len(source["test"]) == 3 * 2
         masks = np.stack([source["test"][i]["mask"] for i in range(6)])
+        native = np.stack([source["test"][i]["native_mask"] for i in range(6)])
+        assert native.shape == (6, 6, 6, 1)  # the volume's own slices
         if labels:
-            assert set(np.unique(masks)) == {0, 1}
+            assert set(np.unique(masks)) == set(np.unique(native)) == {0, 1}
         else:
             assert np.all(masks == common.UNLABELLED_MASK_VALUE)
+            assert np.all(native == common.UNLABELLED_MASK_VALUE)
     with pytest.raises(ValueError, match="one split name"):
         prostate_builder("Clinic", tmp_path / "d", name="bad", splits=("a", "b"))
 
@@ -247,14 +264,14 @@ def test_fail_thresholds_and_review_order():
 
 
 def test_new_fundus_hospital_from_the_command_line(tiny_workdir, shared_data, tmp_path):
-    from puseg_jax import evaluate, quality
+    from puseg_jax import quality
 
     workdir = _copy_workdir(tiny_workdir, tmp_path)
     hospital = _hospital(shared_data, tmp_path)
     run_summary = _json(os.path.join(workdir, "summary.json"))
     # The QC score is chosen on source validation: the target's predictions are never read.
     os.remove(os.path.join(workdir, "eval", "Domain3", "predictions.npz"))
-    res = evaluate.main(["--workdir", workdir, "--data", str(hospital), "--fail_dice", "0.8"])
+    res = _cli(["--workdir", workdir, "--data", str(hospital), "--fail_dice", "0.8"])
 
     out = os.path.join(workdir, "eval", "Hospital4")
     summary = _json(os.path.join(out, "summary.json"))
@@ -265,6 +282,11 @@ def test_new_fundus_hospital_from_the_command_line(tiny_workdir, shared_data, tm
     assert summary["num_cases"] == 3 and summary["layout"] == "dofe"
     assert {"OD", "OC"} == set(summary["structures"])
     assert {"ece", "auroc_error"} <= set(summary["uncertainty"])
+    # Scored as the run's target evaluator is: same grid, same description of the distances.
+    target = _json(os.path.join(workdir, "eval", "Domain3", "summary.json"))
+    for key in ("resolution", "distance", "uncertainty_resolution", "distance_unit"):
+        assert summary[key] == target[key], key
+    assert summary["resolution"] == "native"
     # The QC score was chosen on the run's source-validation evaluators, never its target.
     qc = summary["qc"]
     assert qc["choice"]["source"] == ["Domain1", "Domain2"] and qc["score"] in quality.QC_SCORES
@@ -290,16 +312,20 @@ def test_new_fundus_hospital_from_the_command_line(tiny_workdir, shared_data, tm
         assert set(np.unique(np.asarray(mask))) <= FUNDUS_VALUES
         row = next(r for r in review if r["case_id"] == case)
         assert int(row["predicted_OD"]) == int((np.asarray(mask) < 255).sum())
+        # The written mask is the scored prediction: against the user's own mask file it has
+        # the Dice of per_case.csv (scored natively, on the image's grid: no crop here).
+        gt = np.asarray(Image.open(hospital / "test/ROIs/mask" / f"{case}.png").convert("L"))
+        written = np.asarray(mask)
+        assert _dice(written < 255, gt < 255) == pytest.approx(dice[(case, "OD")], abs=1e-12)
+        assert _dice(written == 0, gt == 0) == pytest.approx(dice[(case, "OC")], abs=1e-12)
     _no_partial(workdir)
     # The run's own reports are untouched.
     assert _json(os.path.join(workdir, "summary.json")) == run_summary
 
     # Same name again: refused without --overwrite, replaced with it.
     with pytest.raises(FileExistsError, match="--overwrite"):
-        evaluate.main(["--workdir", workdir, "--data", str(hospital)])
-    evaluate.main(
-        ["--workdir", workdir, "--data", str(hospital), "--overwrite", "--qc_score", "image_mean"]
-    )
+        _cli(["--workdir", workdir, "--data", str(hospital)])
+    _cli(["--workdir", workdir, "--data", str(hospital), "--overwrite", "--qc_score", "image_mean"])
     assert _json(os.path.join(out, "summary.json"))["qc"]["score"] == "image_mean"
     _no_partial(workdir)
 
@@ -340,22 +366,31 @@ def test_target_domain_as_a_folder_scores_as_the_target(tiny_workdir, tfds_dir, 
     assert len(target) == 2 * len(source) and target.keys() == external.keys()
     for key, expected in target.items():
         assert external[key] == pytest.approx(expected, abs=1e-6), key
+    # The summaries agree too: the grid, the distances and the calibration on it. (The sampled
+    # uncertainty map is not compared: its noise depends on an example's place in its batch,
+    # and the two builds order the cases differently.)
+    a = _json(os.path.join(workdir, "eval", "Domain3", "summary.json"))
+    b = _json(os.path.join(workdir, "eval", "exported", "summary.json"))
+    for key in ("resolution", "distance", "uncertainty_resolution", "num_cases"):
+        assert a[key] == b[key], key
+    for key in ("ece", "brier", "nll", "error_rate"):
+        assert b["uncertainty"][key] == pytest.approx(a["uncertainty"][key], abs=1e-6), key
 
 
 def test_unlabelled_flat_folder(tiny_workdir, shared_data, tmp_path):
-    from puseg_jax import evaluate
 
     workdir = _copy_workdir(tiny_workdir, tmp_path)
     folder = tmp_path / "user" / "clinic"
     shutil.copytree(
         shared_data / "fundus" / "Domain2" / "test" / "ROIs" / "image", folder / "image"
     )
-    evaluate.main(["--workdir", workdir, "--data", str(folder), "--name", "clinic_2024"])
+    _cli(["--workdir", workdir, "--data", str(folder), "--name", "clinic_2024"])
 
     out = os.path.join(workdir, "eval", "clinic_2024")
     summary = _json(os.path.join(out, "summary.json"))
     assert not summary["scored"] and "no score was computed" in summary["note"]
     assert "structures" not in summary and "detection" not in summary["qc"]
+    assert not {"resolution", "distance", "uncertainty", "uncertainty_resolution"} & set(summary)
     assert not os.path.exists(os.path.join(out, "per_case.csv"))
     review = _csv(os.path.join(out, "review.csv"))
     assert len(review) == 3 and not any(k.startswith("dice") for k in review[0])
@@ -367,7 +402,56 @@ def test_unlabelled_flat_folder(tiny_workdir, shared_data, tmp_path):
             assert Image.open(
                 os.path.join(out, "predictions", f"{r['case_id']}_{kind}.png")
             ).size == (image.size)
-    assert any(f.startswith("panel_0_") for f in os.listdir(out))
+    # Panels without ground truth: image | prediction | uncertainty, narrower than a scored
+    # case's five tiles.
+    panel = next(f for f in os.listdir(out) if f.startswith("panel_0_"))
+    scored = next(
+        f for f in os.listdir(os.path.join(workdir, "eval", "Domain3")) if f.startswith("panel_0")
+    )
+    width = Image.open(os.path.join(out, panel)).size[0]
+    assert width < Image.open(os.path.join(workdir, "eval", "Domain3", scored)).size[0]
+
+
+def test_panel_without_labels_has_no_ground_truth_or_errors():
+    from puseg_jax import panels
+
+    image = np.zeros((16, 16, 3), np.float32)
+    pred = np.zeros((2, 16, 16), bool)
+    pred[0, 4:12, 4:12] = True
+    u = np.full((16, 16), 0.3)
+    tiles = panels.panel_tiles(image, None, pred, u)
+    assert len(tiles) == len(panels.UNLABELLED_TILE_TITLES) == 3
+    fig = panels.panel_figure(image, None, pred, u, ("OD", "OC"), "t", "case a · no labels")
+    texts = {t.get_text() for t in fig.texts}
+    assert set(panels.UNLABELLED_TILE_TITLES) <= texts and "ground truth" not in texts
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["OD", "OC"]
+
+
+def test_unlabelled_masks_are_never_scored():
+    """255 (`UNLABELLED_MASK_VALUE`) is no class: scoring it, on either grid, is an error."""
+    from puseg_jax import evaluation
+    from puseg_jax.datasets import get_dataset_info
+
+    info = get_dataset_info("fundus")
+    n, size = 2, 8
+    pred = {
+        "probs": np.full((n, size, size, 2), 0.9, np.float32),
+        "uncertainty": np.zeros((n, size, size), np.float32),
+        "mask": np.full((n, size, size), common.UNLABELLED_MASK_VALUE, np.uint8),
+        "case_id": np.array(["a", "b"]),
+        "slice_index": np.zeros(n, np.int32),
+        "spacing": np.ones((n, 3), np.float32),
+        "spacing_unit": np.array(["pixel"] * n),
+        "native_shape": np.full((n, 2), 12, np.int32),
+        "native_spacing": np.ones((n, 3), np.float32),
+    }
+    pred["native_mask"] = np.empty(n, object)
+    for i in range(n):
+        pred["native_mask"][i] = np.full((12, 12), common.UNLABELLED_MASK_VALUE, np.uint8)
+    for resolution in evaluation.RESOLUTIONS:
+        config = test_config(**{"eval.resolution": resolution})
+        with pytest.raises(ValueError, match="without labels"):
+            evaluation.score_cases(pred, info, config, full=True)
 
 
 def test_fundus_prediction_is_pasted_back_into_the_whole_image(tmp_path):
@@ -378,13 +462,12 @@ def test_fundus_prediction_is_pasted_back_into_the_whole_image(tmp_path):
 
     path = tmp_path / "wide.png"
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(path)
-    probs = np.zeros((8, 8, 2), np.float32)
-    probs[..., 0] = 1.0  # disc everywhere the network looked
-    probs[2:6, 2:6, 1] = 1.0  # cup in its middle
-    u = np.full((8, 8), 0.5, np.float32)
-    config = test_config(**{"eval.largest_component": False})
+    masks = np.zeros((2, 20, 20), bool)  # on the native grid: the 20 x 20 crop
+    masks[0] = True  # disc everywhere the network looked
+    masks[1, 5:15, 5:15] = True  # cup in its middle
+    u = np.full((20, 20), 0.5, np.float32)
     info = get_dataset_info("fundus")
-    written = evaluate.write_fundus_case(probs, u, path, 20, info, config, str(tmp_path), "wide")
+    written = evaluate.write_fundus_case(masks, u, path, 20, info, str(tmp_path), "wide")
     mask = np.asarray(Image.open(tmp_path / "wide_pred.png"))
     unc = np.asarray(Image.open(tmp_path / "wide_uncertainty.png"))
     assert mask.shape == unc.shape == (30, 40)
@@ -395,7 +478,9 @@ def test_fundus_prediction_is_pasted_back_into_the_whole_image(tmp_path):
     assert np.all(unc[inside] == 128)  # round(0.5 * 255)
     assert set(np.unique(mask[inside])) == {0, 128}
     assert mask[15, 20] == 0 and mask[6, 11] == 128  # cup at the centre, rim at the edge
-    assert written["size"]["OD"] == 400 and written["size"]["OC"] == int((mask == 0).sum())
+    assert written["size"]["OD"] == 400 and written["size"]["OC"] == int((mask == 0).sum()) == 100
+    with pytest.raises(ValueError, match="native grid"):  # a prediction of another grid
+        evaluate.write_fundus_case(masks[:, :10], u, path, 20, info, str(tmp_path), "wide")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,10 +491,20 @@ def _perfect_predictions(ext, info, config, data_dir, uncertainty: float = 0.25)
     """`predict_split`'s output with the model replaced by the ground truth at the network grid."""
     from puseg_jax import evaluate, input_pipeline
 
-    keys = ("mask", "case_id", "slice_index", "spacing", "spacing_unit", "image")
+    keys = (
+        "mask",
+        "case_id",
+        "slice_index",
+        "spacing",
+        "spacing_unit",
+        "image",
+        "native_shape",
+        "native_spacing",
+        "native_mask",
+    )
     rows = {k: [] for k in keys}
     for batch in input_pipeline.eval_batches(
-        info, config, evaluate.DOMAIN, evaluate.SPLIT, data_dir, 4
+        info, config, evaluate.DOMAIN, evaluate.SPLIT, data_dir, 4, native_masks=True
     ):
         for k in keys:
             rows[k].append(batch[k][batch["valid"]])

@@ -193,6 +193,11 @@ def test_eval_batches_yield_every_example_once_padded_with_valid(tfds_dir):
         if v
     }
     assert len(keys) == n
+    # The ground truth on each example's native grid (here the stored 32x32 slices) rides along.
+    (first,) = list(input_pipeline.eval_batches(info, config, "SiteC", "test", tfds_dir, n, True))
+    assert first["native_mask"].dtype == object and first["native_mask"][0].shape == (32, 32)
+    np.testing.assert_array_equal(np.stack(list(first["native_mask"])), first["mask"])
+    assert (first["native_shape"] == 32).all() and first["native_spacing"].shape == (n, 3)
 
 
 def test_process_shards_concatenate_to_the_global_batch(tfds_dir):

@@ -12,18 +12,15 @@ import pytest
 from scipy import ndimage
 
 from puseg_jax import metrics
+from tests.conftest import SHARED_DATA as DATA_DIR
 
 medpy_binary = pytest.importorskip(
     "medpy.metric.binary", reason="medpy is the reference for HD95/ASSD (pip install medpy==0.5.2)"
 )
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
 TOLERANCE = 1e-6
 NUM_FUNDUS_MASKS = 10
-
-needs_data = pytest.mark.skipif(
-    not DATA_DIR.is_dir(), reason=f"real data not found at {DATA_DIR} (../shared/data)"
-)
 
 
 def _random_blob(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -121,7 +118,6 @@ def _load_png_mask(path: Path) -> np.ndarray:
 
 
 @pytest.mark.real_data
-@needs_data
 def test_real_fundus_masks_agree_with_medpy():
     paths = sorted(DATA_DIR.glob("fundus/Domain*/*/ROIs/mask/*.png"))
     assert len(paths) >= NUM_FUNDUS_MASKS, f"expected fundus masks under {DATA_DIR / 'fundus'}"
@@ -137,7 +133,6 @@ def test_real_fundus_masks_agree_with_medpy():
 
 
 @pytest.mark.real_data
-@needs_data
 def test_real_prostate_slice_masks_agree_with_medpy():
     paths = sorted(DATA_DIR.glob("prostate_slices/*/*/mask/*.png"))
     assert paths, f"expected prostate slice masks under {DATA_DIR / 'prostate_slices'}"
@@ -152,7 +147,6 @@ def test_real_prostate_slice_masks_agree_with_medpy():
 
 
 @pytest.mark.real_data
-@needs_data
 def test_real_nifti_label_agrees_with_medpy():
     nibabel = pytest.importorskip("nibabel", reason="nibabel reads the NIfTI label")
     path = DATA_DIR / "prostate_nifti" / "promise12_case00" / "Case00_segmentation.nii.gz"
@@ -162,6 +156,109 @@ def test_real_nifti_label_agrees_with_medpy():
     assert gt.ndim == 3 and gt.any()
     for kind in PERTURBATIONS:
         _assert_agrees_with_medpy(_perturb(gt, kind), gt, spacing, check_directed=kind == "eroded")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation at native resolution: network probabilities resampled to the released grid.
+# ---------------------------------------------------------------------------------------------
+
+
+def _native_case(native_mask, probs, native_spacing, net_spacing, slice_index=0, case="c"):
+    """`predict_split`-like arrays of one example: probabilities on the network grid, the
+    ground truth on its native grid."""
+    from puseg_jax import input_pipeline
+
+    native = np.empty(1, object)
+    native[0] = native_mask.astype(np.uint8)
+    size = probs.shape[0]
+    net_mask = input_pipeline.resize(native_mask[..., None].astype(np.uint8), size, True)
+    return {
+        "case_id": np.array([case]),
+        "slice_index": np.array([slice_index]),
+        "probs": probs[None].astype(np.float32),
+        "mask": net_mask[None, ..., 0].astype(np.int32),
+        "spacing": np.asarray([net_spacing], np.float32),
+        "spacing_unit": np.array(["pixel" if native_spacing[0] == 1 else "mm"]),
+        "native_shape": np.array([native_mask.shape], np.int32),
+        "native_spacing": np.asarray([native_spacing], np.float32),
+        "native_mask": native,
+    }
+
+
+def _network_output(rng, net_mask, levels):
+    """Plausible probabilities from a network-grid class mask: each structure (mask >= level)
+    blurred, shifted by a pixel and noised."""
+    channels = []
+    for level in levels:
+        p = ndimage.gaussian_filter((net_mask >= level).astype(np.float64), 1.5)
+        p = np.roll(p, 1, axis=1) + 0.05 * rng.standard_normal(p.shape)
+        channels.append(np.clip(p, 0, 1))
+    return np.stack(channels, -1)
+
+
+def _upsample(probs, shape):
+    """Bilinear upsampling by JAX (half-pixel centres), independent of puseg_jax.resample."""
+    import jax
+
+    return np.asarray(jax.image.resize(probs, (*shape, probs.shape[-1]), "bilinear"))
+
+
+@pytest.mark.real_data
+def test_native_scoring_of_real_fundus_masks_agrees_with_medpy():
+    from puseg_jax import evaluation
+    from puseg_jax.datasets import get_dataset_info
+    from tests.conftest import test_config
+
+    info = get_dataset_info("fundus")
+    config = test_config(**{"eval.largest_component": False})
+    paths = sorted(DATA_DIR.glob("fundus/Domain*/test/ROIs/mask/*.png"))
+    rng = np.random.default_rng(7)
+    for path in [paths[i] for i in np.linspace(0, len(paths) - 1, 3).astype(int)]:
+        stored = _load_png_mask(path)
+        classes = (stored < 255).astype(np.uint8) + (stored == 0)  # 1 rim, 2 cup
+        pred = _native_case(classes, np.zeros((128, 128, 2)), (1, 1, 1), (4, 4, 1))
+        pred["probs"][0] = _network_output(rng, pred["mask"][0], (1, 2))
+        (row,) = evaluation.score_cases(pred, info, config, full=True)
+        up = _upsample(pred["probs"][0], classes.shape)
+        disc = up[..., 0] > 0.5
+        for name, p, gt in (
+            ("OD", disc, classes >= 1),
+            ("OC", disc & (up[..., 1] > 0.5), classes == 2),
+        ):
+            expected = {
+                "dice": medpy_binary.dc(p, gt),
+                "hd95": medpy_binary.hd95(p, gt, (1.0, 1.0)),
+                "asd": medpy_binary.assd(p, gt, (1.0, 1.0)),
+            }
+            for metric, value in expected.items():
+                assert abs(row[name][metric] - value) <= TOLERANCE, (path, name, metric)
+
+
+def test_native_scoring_of_an_anisotropic_volume_agrees_with_medpy():
+    from puseg_jax import evaluation
+    from puseg_jax.datasets import get_dataset_info
+    from tests.conftest import test_config
+
+    info = get_dataset_info("synth_prostate")
+    config = test_config(**{"eval.largest_component": False})
+    rng = np.random.default_rng(8)
+    gt = _random_blob(rng, (6, 45, 30)).astype(np.uint8)  # slices of 45x30 voxels
+    native_spacing = (0.5, 0.8, 3.0)  # (row, col, slice) as stored
+    parts = [
+        _native_case(
+            gt[k], np.zeros((16, 16, 2)), native_spacing, (45 / 16 * 0.5, 30 / 16 * 0.8, 3.0), k
+        )
+        for k in range(len(gt))
+    ]
+    pred = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    fg = _network_output(rng, pred["mask"].transpose(1, 2, 0), (1,))[..., 0].transpose(2, 0, 1)
+    pred["probs"] = np.stack([1 - fg, fg], -1).astype(np.float32)
+    (row,) = evaluation.score_cases(pred, info, config, full=True)
+    p = np.stack([_upsample(pk, gt.shape[1:]).argmax(-1) == 1 for pk in pred["probs"]])
+    spacing = (3.0, 0.5, 0.8)  # array order (slice, row, col)
+    assert abs(row["prostate"]["dice"] - medpy_binary.dc(p, gt)) <= TOLERANCE
+    assert abs(row["prostate"]["hd95"] - medpy_binary.hd95(p, gt, spacing)) <= TOLERANCE
+    assert abs(row["prostate"]["asd"] - medpy_binary.assd(p, gt, spacing)) <= TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ MIN_RATIO, MIN_AUROC = 2.0, 0.8
 
 # Slow (about a minute of CPU): the measurement needs a model trained until it is confident
 # away from the boundaries. At 150 steps the background is still uncertain with some seeds
-# (boundary/interior 1.2-1.4 on the three domains); after 300 steps at 64x64 it is not.
+# (boundary/interior 1.4-1.7 on the three domains with seed 0); after 300 steps at 64x64 it is not.
 @pytest.mark.slow
 def test_uncertainty_highlights_boundaries_and_errors(tmp_path, tfds_dir):
     from puseg_jax import train

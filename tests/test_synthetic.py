@@ -1,5 +1,6 @@
 """Tests of the synthetic multi-domain generator and of its TFDS builders (tiny sizes)."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -34,6 +35,32 @@ def _gradient_magnitude(image: np.ndarray) -> np.ndarray:
 
 def _fundus_images(domain: str, n: int = 6, seed: int = 1):
     return [generator.generate_fundus((seed, i), domain, SIZE) for i in range(n)]
+
+
+def _variant(monkeypatch, domain: str, **changes) -> str:
+    """Registers `domain` with some camera parameters changed; same seed, same anatomy."""
+    name = f"{domain}_variant"
+    params = dataclasses.replace(generator.FUNDUS_DOMAINS[domain], **changes)
+    monkeypatch.setitem(generator.FUNDUS_DOMAINS, name, params)
+    return name
+
+
+def _illumination_slope(image: np.ndarray, mask: np.ndarray) -> float:
+    """Steepness of a linear fit to the log brightness of the background: the log gain from
+    the centre to an edge. The radial term absorbs the (symmetric) vignetting."""
+    size = image.shape[0]
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5 - size / 2) / (size / 2)
+    design = np.stack([np.ones_like(yy), yy, xx, yy**2 + xx**2], -1)[mask == 0]
+    log_brightness = np.log(image.astype(np.float64).mean(-1) + 1.0)[mask == 0]
+    coef, *_ = np.linalg.lstsq(design, log_brightness, rcond=None)
+    return float(np.hypot(coef[1], coef[2]))
+
+
+def _mean_per_domain(statistic, n: int = 8) -> dict[str, float]:
+    return {
+        d: float(np.mean([statistic(im, m) for im, m in _fundus_images(d, n)]))
+        for d in generator.FUNDUS_DOMAINS
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,6 +119,86 @@ def test_fundus_blurry_domain_has_soft_edges():
     # Blur and a soft disc edge make the blurry domain's boundaries ambiguous.
     assert blurry_disc < 0.5 * sharp_disc
     assert blurry_energy < 0.7 * sharp_energy
+
+
+def test_fundus_disc_scale_is_the_cameras_magnification():
+    # Disc area ~ pi * a * b with semi-axes ~ s and 1.075 s (the disc is slightly taller).
+    area = _mean_per_domain(lambda im, m: (m > 0).mean())
+    for domain, params in generator.FUNDUS_DOMAINS.items():
+        expected = np.pi * 1.075 * params.disc_scale**2
+        assert area[domain] == pytest.approx(expected, rel=0.15), (domain, area[domain])
+    # Domain1's narrow field makes its disc the largest; its vessels are magnified with it.
+    assert area["Domain1"] > 1.15 * max(v for d, v in area.items() if d != "Domain1")
+    # The same vessels (same seed) at 1.5x magnification: 1.5x wider, so ~1.5x the darkening.
+    thin, wide = (
+        generator._vessel_map(np.random.default_rng(3), (SIZE, SIZE), (24, 24), SIZE, m)
+        for m in (1.0, 1.5)
+    )
+    assert 1.3 < wide.sum() / thin.sum() < 1.7
+
+
+def test_fundus_illumination_gradient():
+    slope = _mean_per_domain(_illumination_slope)
+    # Domain1 (+-0.35) is unevenly lit, the others (0.05-0.15) nearly evenly.
+    assert slope["Domain1"] > 2.0 * max(v for d, v in slope.items() if d != "Domain1"), slope
+    assert slope["Domain4"] < slope["Domain2"] < slope["Domain1"], slope
+
+
+def test_fundus_illumination_gradient_comes_from_the_camera(monkeypatch):
+    flat = _variant(monkeypatch, "Domain1", illumination=0.0)
+    uneven = np.mean([_illumination_slope(*x) for x in _fundus_images("Domain1", 8)])
+    even = np.mean([_illumination_slope(*x) for x in _fundus_images(flat, 8)])
+    assert even < 0.5 * uneven, (even, uneven)
+
+
+def test_fundus_exposure_varies_from_image_to_image():
+    def spread(domain):
+        return np.std([np.log(im.mean()) for im, _ in _fundus_images(domain, 12)])
+
+    spreads = {d: spread(d) for d in generator.FUNDUS_DOMAINS}
+    assert spreads["Domain1"] > 1.5 * max(v for d, v in spreads.items() if d != "Domain1")
+
+
+def test_tone_curve_shoulder():
+    x = np.linspace(0.0, 2.0, 201)
+    y = generator._tone_curve(x, 0.6)
+    np.testing.assert_array_equal(generator._tone_curve(x, 1.0), x)
+    np.testing.assert_allclose(y[x <= 0.6], x[x <= 0.6])
+    assert np.all(np.diff(y) > 0) and y.max() < 1.0  # monotone, never reaches the clip
+    slope = np.diff(y) / np.diff(x)
+    assert abs(slope[60] - 1.0) < 0.01 and slope[-1] < 0.01  # continuous at the knee
+
+
+def test_fundus_over_exposed_disc_rolls_off_instead_of_clipping(monkeypatch):
+    linear = _variant(monkeypatch, "Domain1", knee=1.0)
+
+    def stats(domain):
+        clipped, contrast = [], []
+        for image, mask in _fundus_images(domain, 8):
+            green = image[..., 1].astype(np.float64)
+            cup, rim, back = (green[mask == k].mean() for k in (2, 1, 0))
+            contrast.append((cup - rim) / (rim - back))
+            clipped.append(np.mean(image == 255))
+        return np.mean(clipped), np.mean(contrast)
+
+    (clipped, contrast), (clipped_linear, contrast_linear) = stats("Domain1"), stats(linear)
+    # The same exposure clips a few % of the values with a linear response; the shoulder
+    # keeps them below 255 but squeezes the pale cup towards the rim.
+    assert clipped_linear > 0.03 and clipped < 0.005, (clipped_linear, clipped)
+    assert contrast < 0.92 * contrast_linear, (contrast, contrast_linear)
+
+
+def test_fundus_vessel_contrast(monkeypatch):
+    def dark_disc_fraction(domain):
+        fractions = []
+        for image, mask in _fundus_images(domain, 8):
+            brightness = image.astype(np.float64).mean(-1)[mask > 0]
+            fractions.append(np.mean(brightness < 0.7 * np.median(brightness)))
+        return np.mean(fractions)
+
+    # Domain1's camera shows its (wide) vessels darker than the 0.55 of an average camera.
+    average = _variant(monkeypatch, "Domain1", vessel_contrast=0.55)
+    assert dark_disc_fraction("Domain1") > 1.5 * dark_disc_fraction(average)
 
 
 def test_prostate_volume_shapes_labels_and_empty_ends():

@@ -37,6 +37,20 @@ def test_train_and_evaluate_writes_outputs(tiny_workdir):
         ({"data.target_domains": ("Domain1",)}, "also source"),
         ({"data.source_domains": ("Domain9",)}, "Unknown domain"),
         ({"batch_size": 6}, "not divisible"),
+        # Explicit evaluators whose roles do not match the domains (e.g. left over after the
+        # domains were overridden on the command line).
+        (
+            {"evals": {"D3": dict(domain="Domain3", split="test", role="source_val")}},
+            "role 'source_val' on 'Domain3', which is not a source",
+        ),
+        (
+            {"evals": {"D1": dict(domain="Domain1", split="test", role="target")}},
+            "role 'target' on 'Domain1', which is a source domain",
+        ),
+        (
+            {"evals": {"D1": dict(domain="Domain1", split="test", role="selection")}},
+            "unknown role 'selection'",
+        ),
     ],
 )
 def test_config_errors_before_compiling(tmp_path, overrides, message):
@@ -44,3 +58,44 @@ def test_config_errors_before_compiling(tmp_path, overrides, message):
 
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(test_config(**overrides), str(tmp_path))
+
+
+def test_resuming_with_a_changed_config_is_refused(tiny_workdir, tmp_path):
+    import shutil
+
+    from puseg_jax import train
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tiny_workdir, workdir)
+    before = open(os.path.join(workdir, "config.json")).read()
+    config = test_config(**{"data.data_dir": json.loads(before)["data"]["data_dir"]})
+    config.loss.alpha = 2.0
+    config.optim.learning_rate = 1e-3
+    with pytest.raises(ValueError, match="mix two experiments") as error:
+        train.train_and_evaluate(config, workdir)
+    message = str(error.value)
+    assert "loss.alpha: 1.0 -> 2.0" in message and "optim.learning_rate" in message
+    assert "allow_config_change" in message
+    # Refused before anything was written.
+    assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def test_resume_check_ignores_incidental_fields_and_can_be_overridden():
+    from puseg_jax import config_diff, train
+
+    saved = json.loads(test_config().to_json_best_effort())
+    current = json.loads(test_config().to_json_best_effort())
+    current["log_every_steps"] = 7
+    current["parallel"]["num_devices"] = 1
+    current["data"]["data_dir"] = "/elsewhere"
+    changes = train.check_resume_config(saved, current, allow_change=False)
+    assert len(changes) == 3 and all(config_diff.is_incidental(c.split(":")[0]) for c in changes)
+    current["model"]["widths"] = [4, 8]
+    with pytest.raises(ValueError, match=r"model.widths: \[4, 8, 16\] -> \[4, 8\]"):
+        train.check_resume_config(saved, current, allow_change=False)
+    assert len(train.check_resume_config(saved, current, allow_change=True)) == 4
+    # A field that only one side has counts as a change.
+    del current["model"]["widths"]
+    assert config_diff.computational_changes(saved, current) == [
+        "model.widths: [4, 8, 16] -> <absent>"
+    ]

@@ -1,4 +1,5 @@
-"""Panels, inspection helpers, the `python -m puseg_jax.visualize` tool and TensorBoard images."""
+"""Panels (`panels`), inspection helpers, the `python -m puseg_jax.visualize` tool and TensorBoard
+images."""
 
 import glob
 import json
@@ -52,6 +53,12 @@ def _volume_predictions(domain: str, num_cases: int, num_slices: int, size: int,
     n = len(pred["case_id"])
     pred["spacing"] = np.tile(np.array([0.6, 0.6, 3.0], np.float32), (n, 1))
     pred["spacing_unit"] = np.array(["mm"] * n)
+    # The network's grid is the native one here.
+    pred["native_shape"] = np.tile(np.array([size, size], np.int32), (n, 1))
+    pred["native_spacing"] = pred["spacing"]
+    pred["native_mask"] = np.empty(n, object)
+    for i, m in enumerate(pred["mask"]):
+        pred["native_mask"][i] = m
     # Slices arrive out of order, as from a shuffled source, so re-stacking is exercised.
     order = rng.permutation(n)
     return {k: v[order] for k, v in pred.items()}
@@ -60,7 +67,7 @@ def _volume_predictions(domain: str, num_cases: int, num_slices: int, size: int,
 def make_volume_workdir(workdir: str, num_cases: int = 3, num_slices: int = 6, size: int = 24):
     """Writes config.json, eval/<domain>/ reports and TensorBoard events of a synthetic prostate
     run (no checkpoint) through `evaluation`'s scoring and report writer; returns the workdir."""
-    from puseg_jax import evaluation, metrics, train
+    from puseg_jax import evaluation, train
     from puseg_jax.datasets import get_dataset_info
     from puseg_jax.logging_utils import MetricWriter
 
@@ -79,14 +86,7 @@ def make_volume_workdir(workdir: str, num_cases: int = 3, num_slices: int = 6, s
     writer = MetricWriter(workdir)
     for k, (name, ev) in enumerate(train.resolve_evals(config).items()):
         pred = _volume_predictions(ev["domain"], num_cases, num_slices, size, seed=k)
-        rows = evaluation.score_cases(pred, info, config, full=True)
-        res = {
-            **ev,
-            "num_examples": len(pred["case_id"]),
-            "structures": metrics.summarize_cases(rows, evaluation.SURFACE_METRICS),
-            "distance_unit": evaluation.distance_unit(pred),
-            "uncertainty": evaluation.uncertainty_quality(pred, info, config.eval.boundary_width),
-        }
+        res, rows = evaluation.score_split(pred, info, config, ev, 7)
         evaluation.write_domain_reports(workdir, name, res, rows, pred, info, config, 7, writer)
     writer.close()
     return workdir
@@ -124,50 +124,107 @@ def read_events(tb_dir: str) -> list[tuple[int, str, str]]:
 # Panels.
 
 
-def test_panel_tiles_show_masks_uncertainty_and_errors():
-    from puseg_jax import visualize
-
-    h = w = 8
+def _disc_case(h: int = 8, w: int = 8):
     image = np.random.default_rng(0).normal(size=(h, w, 3)).astype(np.float32)
     gt = np.zeros((2, h, w), bool)
     gt[0, 2:6, 2:6] = True
     pred = np.zeros((2, h, w), bool)
     pred[0, 3:7, 2:6] = True  # row 2 missed (false negative), row 6 extra (false positive)
     u = np.linspace(0, 1, h * w).reshape(h, w)
-    tiles = visualize.panel_tiles(image, gt, pred, u)
-    assert len(tiles) == len(visualize.TILE_TITLES) == 5
-    assert all(t.shape == (h, w, 3) and t.dtype == np.float32 for t in tiles)
-    np.testing.assert_allclose(tiles[3], visualize.heatmap(u), atol=1e-6)
+    return image, gt, pred, u
+
+
+def test_panel_tiles_show_masks_uncertainty_and_errors():
+    from puseg_jax import panels
+
+    image, gt, pred, u = _disc_case()
+    tiles = panels.panel_tiles(image, gt, pred, u)
+    assert len(tiles) == len(panels.TILE_TITLES) == 5
+    assert all(t.shape == (8, 8, 3) and t.dtype == np.float32 for t in tiles)
+    np.testing.assert_allclose(tiles[3], panels.heatmap(u), atol=1e-6)
     errors = tiles[4]
-    np.testing.assert_allclose(errors[6, 3], visualize.FP_COLOUR)
-    np.testing.assert_allclose(errors[2, 3], visualize.FN_COLOUR)
+    np.testing.assert_allclose(errors[6, 3], panels.FP_COLOUR)
+    np.testing.assert_allclose(errors[2, 3], panels.FN_COLOUR)
     assert errors[4, 4].max() < 0.41  # correct pixels are dimmed image
     # Overlays change exactly the masked pixels.
     assert not np.allclose(tiles[1][gt[0]], tiles[0][gt[0]])
     np.testing.assert_array_equal(tiles[1][~gt[0]], tiles[0][~gt[0]])
-    panel = visualize.make_panel(image, gt, pred, u, gap=2)
-    assert panel.shape == (h, 5 * w + 4 * 2, 3)
-    np.testing.assert_array_equal(panel[:, w + 2 : 2 * w + 2], tiles[1])
+
+
+@pytest.mark.parametrize("size", [8, 64, 300])
+def test_drawn_panel_has_large_tiles_titles_legend_and_colour_bar(size):
+    from puseg_jax import panels
+
+    image, gt, pred, u = _disc_case(size, size)
+    title, subtitle = "ours · Domain1 (target) · step 300", "case c7 · Dice OD 0.953, OC 0.861"
+    fig = panels.panel_figure(image, gt, pred, u, ("OD", "OC"), title, subtitle)
+    texts = [t.get_text() for t in fig.texts]
+    assert title in texts and subtitle in texts
+    assert set(panels.TILE_TITLES) <= set(texts) and "uncertainty" in texts
+    assert {"0.0", "1.0"} <= set(texts)  # colour bar ticks
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["OD", "OC", "false positive", "false negative"]
+
+    panel = panels.render(fig)
+    k = panels.display_scale(size, size)
+    tile = size * k
+    assert tile >= panels.MIN_TILE_PX and (k == 1 or size * (k - 1) < panels.MIN_TILE_PX)
+    assert panel.dtype == np.uint8 and panel.ndim == 3 and panel.shape[2] == 3
+    # Five tiles side by side, and room above and below them for the header, tile titles and
+    # legend.
+    assert panel.shape[1] >= 5 * tile and panel.shape[0] >= tile + 80
+    # The image tile is the image, each pixel a k x k square (nearest, not interpolated).
+    rgb = (panels.to_rgb(image) * 255).round().astype(np.uint8)
+    top, left = panels._HEADER + panels._TILE_TITLE, panels._MARGIN
+    np.testing.assert_array_equal(
+        panel[top : top + tile, left : left + tile],
+        np.repeat(np.repeat(rgb, k, axis=0), k, axis=1),
+    )
+    # Header text is drawn above the tiles.
+    assert (panel[:top] < 100).any()
 
 
 def test_case_arrays_restack_volumes_and_pick_the_largest_slice(volume_workdir):
-    from puseg_jax import evaluation, inspect_utils, metrics, visualize
+    from puseg_jax import evaluation, inspect_utils, metrics, panels
 
     wd = inspect_utils.open_workdir(volume_workdir)
     assert wd.info.volumetric and wd.eval_names == ["SiteA", "SiteB", "SiteC"]
     pred = inspect_utils.load_predictions(wd, "SiteC")
     cases = evaluation.group_cases(pred, True)
     case_id, idx = cases[0]
-    arrays = visualize.case_arrays(pred, idx, wd.info, wd.config)
+    arrays = evaluation.case_arrays(pred, idx, wd.info, wd.config)
     assert arrays["gt"].shape == arrays["pred"].shape == (1, 6, 24, 24)
     assert arrays["image"].shape == (6, 24, 24, 1) and arrays["uncertainty"].shape == (6, 24, 24)
     # The end slices hold no gland; the re-stacked order puts them first and last.
     assert not arrays["gt"][:, 0].any() and not arrays["gt"][:, -1].any()
-    assert 0 < visualize.representative_slice(arrays["gt"]) < 5
+    assert 0 < panels.representative_slice(arrays["gt"]) < 5
     # The 3-D Dice of the shown masks is the scored one (up to float16 storage).
     dice = metrics.compute_dice(arrays["pred"][0], arrays["gt"][0])
     per_case = inspect_utils.load_per_case(wd, "SiteC")
     assert dice == pytest.approx(per_case[case_id]["prostate"]["dice"], abs=1e-6)
+
+
+def test_evaluation_panels_carry_the_run_and_the_case_dice(volume_workdir):
+    # The written PNG is the drawn panel: titled, at least 256-px tiles (24-px images here).
+    from puseg_jax import inspect_utils, panels
+
+    wd = inspect_utils.open_workdir(volume_workdir)
+    per_case = inspect_utils.load_per_case(wd, "SiteC")
+    files = sorted(glob.glob(os.path.join(volume_workdir, "eval", "SiteC", "panel_*.png")))
+    assert len(files) == 2
+    png = np.asarray(Image.open(files[0]))
+    assert png.shape[1] >= 5 * panels.MIN_TILE_PX and png.shape[0] > panels.MIN_TILE_PX + 80
+    case_id = os.path.basename(files[0]).split("_", 2)[2][: -len(".png")]
+    # The same drawing from the saved predictions, with the header evaluation gave it.
+    from puseg_jax import evaluation
+
+    pred = inspect_utils.load_predictions(wd, "SiteC")
+    idx = dict(evaluation.group_cases(pred, True))[case_id]
+    dice = {s: m["dice"] for s, m in per_case[case_id].items()}
+    title = evaluation.panel_title("ours", "SiteC", "target", 7)
+    again = evaluation.draw_case(pred, case_id, idx, dice, wd.info, wd.config, title)
+    assert again.shape == png.shape[:2] + (3,)
+    assert np.mean(np.abs(again.astype(int) - png[..., :3].astype(int)) > 2) < 0.01
 
 
 def test_select_cases_orders(volume_workdir):
@@ -225,6 +282,43 @@ def test_figures_of_a_volume_workdir(volume_workdir):
     inspect_utils.dice_vs_uncertainty_figure(wd, {wd.path: preds})
     table = inspect_utils.uncertainty_table(wd)
     assert table.count("\n") == 2 + 3 - 1 and "| SiteC | target |" in table
+
+
+def test_compare_figure_titles_fit_with_a_long_method_name(volume_workdir, tmp_path):
+    # The per-case Dice sits in the tile titles; rotated row labels used to run into the next
+    # row when a method name was long.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from puseg_jax import inspect_utils
+
+    long_run = tmp_path / "long"
+    shutil.copytree(volume_workdir, long_run)
+    with open(long_run / "config.json") as f:
+        config = json.load(f)
+    config["method"] = "ours_no_highlight"
+    with open(long_run / "config.json", "w") as f:
+        json.dump(config, f)
+    wd_a, wd_b = (
+        inspect_utils.open_workdir(str(long_run)),
+        inspect_utils.open_workdir(volume_workdir),
+    )
+    fig = inspect_utils.compare_figure(wd_a, wd_b, "SiteC", num=2)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    grid = np.asarray(fig.axes[:16]).reshape(2, 8)
+    per_case = inspect_utils.load_per_case(wd_a, "SiteC")
+    for row in grid:
+        assert not any(ax.get_ylabel() for ax in row)
+        case_id = row[0].get_title().split("\n")[0].split(", slice")[0]
+        dice = inspect_utils.dice_text(per_case, case_id)
+        assert row[2].get_title() == f"ours_no_highlight\nprediction\nDice {dice}"
+        assert row[5].get_title().startswith("ours\nprediction\nDice ")
+        boxes = [ax.title.get_window_extent(renderer) for ax in row]
+        assert all(a.x1 <= b.x0 + 1 for a, b in zip(boxes, boxes[1:], strict=False))
+    # The second row's titles stay below the first row's tiles.
+    tiles_bottom = min(ax.get_window_extent(renderer).y0 for ax in grid[0])
+    assert max(ax.title.get_window_extent(renderer).y1 for ax in grid[1]) <= tiles_bottom + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,15 +403,15 @@ def test_tensorboard_images_and_histograms(tiny_workdir, volume_workdir):
         assert (7, f"eval/SiteC/panel_{i}", "image") in events
 
 
-def test_write_tensorboard(tmp_path, volume_workdir):
-    from puseg_jax import inspect_utils, visualize
+def test_write_tensorboard(tmp_path):
+    from puseg_jax import panels
     from puseg_jax.logging_utils import MetricWriter
 
-    wd = inspect_utils.open_workdir(volume_workdir)
-    pred = inspect_utils.load_predictions(wd, "SiteA")
+    drawn = [("a", np.zeros((4, 6, 3), np.uint8)), ("b", np.full((4, 6, 3), 255, np.uint8))]
+    u = np.random.default_rng(0).uniform(size=(2, 4, 4))
     writer = MetricWriter(str(tmp_path))
-    for step in (10, 20):
-        visualize.write_tensorboard(writer, step, "SiteA", pred, wd.info, wd.config, 2)
+    panels.write_tensorboard(writer, 10, "SiteA", drawn, u, png_dir=str(tmp_path))
+    panels.write_tensorboard(writer, 20, "SiteA", drawn, u)
     writer.close()
     events = read_events(str(tmp_path / "tb"))
     assert sorted(events) == [
@@ -325,6 +419,7 @@ def test_write_tensorboard(tmp_path, volume_workdir):
         for step in (10, 20)
         for tag, kind in (("panel_0", "image"), ("panel_1", "image"), ("uncertainty_hist", "histo"))
     ]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "panel_1_b.png")), drawn[1][1])
 
 
 def test_open_workdir_evaluates_the_checkpoint_when_predictions_are_missing(

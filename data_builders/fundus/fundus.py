@@ -16,7 +16,8 @@ _DESCRIPTION = """\
 Regions of interest around the optic disc of colour fundus photographs with optic disc (OD) and
 optic cup (OC) masks, as collected by DoFE (Wang et al., TMI 2020) from four public datasets, one
 domain each. `mask` holds class indices: 0 background, 1 disc rim, 2 cup, so OD = mask >= 1 and
-OC = mask == 2. Images keep their size unless the config's `center_crop` is set.
+OC = mask == 2. Images keep their size unless the config's `center_crop` (or `store_size`, images
+only) is set; masks always keep the size of the (cropped) released ROI.
 """
 
 _CITATION = """\
@@ -72,11 +73,13 @@ class FundusConfig(tfds.core.BuilderConfig):
         a single split, named by `splits`).
       labels: False builds images without masks (a domain to predict, never to score): only the
         `image` folders are read, and every stored mask holds `common.UNLABELLED_MASK_VALUE`.
-      store_size: if set, images (bilinear, antialiased) and masks (nearest) are stored resized
-        to this square size after cropping, with `spacing` scaled so that distances stay in
-        pixels of the released ROI. The input pipeline resizes to the training size anyway, with
-        the same resampling, so this only makes a dataset smaller to store or ship (e.g. to an
-        accelerator host); training at `store_size` then sees identical pixels.
+      store_size: if set, images are stored resized (bilinear, antialiased) to this square size
+        after cropping; masks stay at the released ROI's size, the grid evaluation scores on
+        (`eval.resolution='native'`), and `spacing` stays that of one released pixel. The input
+        pipeline resizes images and masks to the training size anyway, with the same
+        resampling, so this only makes a dataset smaller to store or ship (e.g. to an
+        accelerator host); training at `store_size` then sees identical pixels (images and
+        masks).
     """
 
     folder: str | None = None
@@ -119,8 +122,12 @@ DOMAIN_SOURCES = {
 class Fundus(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the DoFE fundus domains (one config per domain)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "store_size resizes the images only: masks stay at the released ROI size "
+        "(evaluation scores on it). Builds without store_size are unchanged.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
     BUILDER_CONFIGS = [
         FundusConfig(
@@ -189,12 +196,10 @@ class Fundus(tfds.core.GeneratorBasedBuilder):
             if crop is not None and array.shape[:2] != (crop, crop):
                 window = center_crop_window(array.shape[:2], crop, image_path)
                 array, mask, image_bytes = array[window], mask[window], None
-            spacing = np.ones(3, dtype=np.float32)
             size = self.builder_config.store_size
             if size is not None:
-                spacing[:2] = np.asarray(array.shape[:2], np.float32) / size
+                # The image only: the mask keeps the released grid, which evaluation scores on.
                 array = common.resize_image(array, size, nearest=False)
-                mask = common.resize_image(mask[..., None], size, nearest=True)[..., 0]
                 image_bytes = None
             if image_bytes is None:
                 image_bytes = common.encode_png(array)
@@ -206,8 +211,9 @@ class Fundus(tfds.core.GeneratorBasedBuilder):
                     "case_id": name,
                     "slice_index": 0,
                     "num_slices": 1,
-                    # Physical pixel size differs per camera and is not in the release.
-                    "spacing": spacing,
+                    # Of one mask pixel (a released one). Physical pixel size differs per
+                    # camera and is not in the release.
+                    "spacing": np.ones(3, dtype=np.float32),
                     "spacing_unit": "pixel",
                     "domain": self.builder_config.domain_folder,
                 },

@@ -21,8 +21,10 @@ _DESCRIPTION = """\
 Axial T2-weighted prostate MRI slices with whole-gland masks (0 background, 1 prostate) from the
 six sites of the SAML multi-site collection. The `nifti` layout turns every slice of every volume
 into an example (intensities clipped to the [0.5, 99.5] percentiles of the volume, scaled to
-[0, 255] uint8, resized in-plane to 384x384) with the spacing of the stored grid in mm; the
-`slices` layout stores the released 384x384 PNG slices as they are, spacing unknown.
+[0, 255] uint8, resized in-plane to 384x384) with the spacing of the stored grid in mm, and keeps
+the slice's label on the volume's own grid (`native_mask`, with its spacing `native_spacing`),
+which evaluation scores on; the `slices` layout stores the released 384x384 PNG slices as they
+are, spacing unknown.
 """
 
 _CITATION = """\
@@ -163,11 +165,14 @@ def _registered_configs() -> list[ProstateConfig]:
 class Prostate(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the six-site prostate MRI collection (one config per site and layout)."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "Initial release.",
         "1.1.0": "Slices layout: the PNG masks' 0 is the prostate (1.0.0 took 255, inverting "
         "every ProstateSlice mask); inverted-looking masks are refused.",
+        "1.2.0": "NIfTI layout: each slice also keeps its label on the volume's own in-plane "
+        "grid (native_mask) and that grid's spacing in mm (native_spacing), to score at the "
+        "original resolution. Slices layout and stored images unchanged.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
     BUILDER_CONFIGS = _registered_configs()
@@ -209,7 +214,9 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description=_DESCRIPTION,
-            features=common.segmentation_features(image_channels=1),
+            features=common.segmentation_features(
+                image_channels=1, native=self.builder_config.layout == "nifti"
+            ),
             supervised_keys=("image", "mask"),
             citation=_CITATION,
             # Examples are stored in (case, slice) order; shuffling belongs to the input pipeline.
@@ -265,7 +272,7 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
         return splits
 
     def _nifti_examples(
-        self, pairs: list[tuple[str, Path, Path]]
+        self, pairs: list[tuple[str, Path, Path | None]]
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         size = self.builder_config.size
         for case, image_path, label_path in pairs:
@@ -280,12 +287,15 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
             spacing = np.array(
                 [zooms[0] * rows / size, zooms[1] * cols / size, zooms[2]], dtype=np.float32
             )
+            native_spacing = np.asarray(zooms, dtype=np.float32)
             for k in range(num_slices):
                 image = resize_slice(scaled[:, :, k], size, Image.Resampling.BILINEAR)
                 if labels is None:
                     mask = common.unlabelled_mask((size, size))
+                    native_mask = common.unlabelled_mask((rows, cols))
                 else:
                     mask = resize_slice(labels[:, :, k], size, Image.Resampling.NEAREST)
+                    native_mask = labels[:, :, k].astype(np.uint8)
                 yield (
                     common.example_key(case, k),
                     {
@@ -297,6 +307,9 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
                         "spacing": spacing,
                         "spacing_unit": "mm",
                         "domain": self.builder_config.name,
+                        # The slice on the volume's own grid (display orientation, as `image`).
+                        "native_mask": common.encode_png(native_mask),
+                        "native_spacing": native_spacing,
                     },
                 )
 
@@ -495,40 +508,30 @@ def _to_display(volume: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.flip(volume, axis=(0, 1)).transpose(1, 0, 2))
 
 
-def display_shape(image: nib.Nifti1Image) -> tuple[int, int, int]:
-    """(rows, cols, slices) of a volume as `load_nifti_pair` lays it out, from its header."""
-    shape = tuple(int(n) for n in image.shape[:3])
-    canonical = [0, 0, 0]
-    for axis, (to_axis, _) in enumerate(nib.orientations.io_orientation(image.affine)):
-        canonical[int(to_axis)] = shape[axis]
-    return canonical[1], canonical[0], canonical[2]
-
-
-def from_display(array: np.ndarray, image: nib.Nifti1Image) -> np.ndarray:
-    """The inverse of the orientation of `load_nifti_pair`: an array laid out as (rows, cols,
-    slices[, ...]) of `image`'s displayed volume, back in the voxel order of `image`'s file.
+def display_to_file(volume: np.ndarray, image: nib.Nifti1Image) -> np.ndarray:
+    """Undoes `load_nifti_pair`'s orientation: an array in the builder's (row, col, slice)
+    layout of `image` (e.g. a prediction resampled to the native grid) back in the voxel order
+    of the file, so it can be saved with the file's own affine and shape.
 
     Args:
-      array: (rows, cols, slices) or with trailing axes (e.g. classes); shape[:3] must be
-        `display_shape(image)`.
-      image: the volume as loaded from its file (its affine says how it was reoriented).
+      volume: (rows, cols, slices, ...) as `load_nifti_pair` returns the image's voxels.
+      image: the NIfTI image (file) the volume belongs to.
 
     Returns:
-      The array in the file's voxel order: shape[:3] == image.shape[:3], so that it can be
-      saved with `image.affine` and lies where the image lies.
+      The array in the file's voxel axes, of the file's 3-D shape (trailing axes kept).
     """
-    if tuple(array.shape[:3]) != display_shape(image):
+    shape = image.shape[:3]
+    ras = np.flip(np.swapaxes(volume, 0, 1), axis=(0, 1))  # inverse of _to_display
+    to_file = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt("RAS"), nib.orientations.io_orientation(image.affine)
+    )
+    out = nib.orientations.apply_orientation(ras, to_file)
+    if out.shape[:3] != tuple(shape):
         raise ValueError(
-            f"Array of shape {array.shape[:3]} is not laid out like {display_shape(image)}, "
-            "the displayed volume"
+            f"A volume of display shape {volume.shape[:3]} does not belong to a file of shape "
+            f"{tuple(shape)}"
         )
-    # Undo _to_display: (rows, cols) = (y flipped, x flipped) -> canonical (x, y).
-    axes = (1, 0, 2) + tuple(range(3, array.ndim))
-    canonical = np.flip(array.transpose(axes), axis=(0, 1))
-    # Undo as_closest_canonical: RAS+ axes back to the file's axes.
-    ornt = nib.orientations.io_orientation(image.affine)
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-    return np.ascontiguousarray(nib.orientations.apply_orientation(canonical, back))
+    return np.ascontiguousarray(out)
 
 
 def binarize_labels(labels: np.ndarray, path: Path, *, merge_labels: bool) -> np.ndarray:

@@ -29,28 +29,58 @@ PROSTATE_CLASSES = ("background", "gland")
 
 @dataclasses.dataclass(frozen=True)
 class FundusDomain:
-    """Acquisition parameters of one fundus camera; lengths are fractions of the image side."""
+    """Acquisition parameters of one fundus camera; lengths are fractions of the image side.
 
-    colour_cast: tuple[float, float, float]  # RGB gains
+    Intensities are on a [0, 1] scale. The camera model runs in this order: exposure and colour
+    gains, contrast and brightness, uneven illumination (vignetting and a gradient), blur,
+    sensor noise, then the tone curve (highlight shoulder) and 8-bit clipping.
+    """
+
+    colour_cast: tuple[float, float, float]  # RGB gains (white balance, spectral response)
     brightness: float  # added to [0, 1] intensities
     contrast: float  # gain about mid-grey
     blur: float  # Gaussian blur sigma, fraction of the image side
     noise: float  # std of additive Gaussian noise, [0, 1] intensities
     vignetting: float  # darkening at the corners, 0 = none
-    disc_scale: float  # mean disc semi-axis, fraction of the image side
+    disc_scale: float  # mean disc semi-axis, fraction of the image side (magnification)
     disc_edge: float  # width of the disc edge ramp (~10-90 %), fraction of the disc radius
+    illumination: float = 0.0  # linear illumination gradient: gain 1 +- this at the image edges
+    exposure: float = 0.0  # std of the log of a per-image exposure gain (flash, pupil size)
+    knee: float = 1.0  # tone curve: linear up to here, then compressed towards 1 (1 = linear)
+    vessel_contrast: float = 0.55  # how much the vessels darken the tissue at their centre
 
 
+# One row per camera; docs/synthetic.md tabulates the same values and what they look like.
+# fmt: off
 FUNDUS_DOMAINS = {
-    # Sharp, neutral, well exposed.
-    "Domain1": FundusDomain((1.00, 1.00, 1.00), -0.05, 1.00, 0.000, 0.015, 0.20, 0.20, 0.08),
-    # Dark, green cast, low contrast, mild blur, noisy, soft disc edge: ambiguous boundaries.
-    "Domain2": FundusDomain((0.80, 1.15, 0.95), -0.12, 0.65, 0.008, 0.040, 0.35, 0.22, 0.24),
+    # Drishti-GS-like: a narrow field around the disc (large disc, wide dark vessels), sharp,
+    # warm and over-exposed (the disc rolls off into the tone-curve shoulder), with strongly
+    # uneven illumination and exposure that varies from image to image.
+    "Domain1": FundusDomain(
+        colour_cast=(1.05, 0.95, 0.85), brightness=0.05, contrast=1.00, blur=0.000,
+        noise=0.020, vignetting=0.30, disc_scale=0.30, disc_edge=0.08,
+        illumination=0.35, exposure=0.25, knee=0.6, vessel_contrast=0.75,
+    ),
+    # RIM-ONE-like: dark, green cast, low contrast, mild blur, noisy, soft disc edge.
+    "Domain2": FundusDomain(
+        colour_cast=(0.80, 1.15, 0.95), brightness=-0.12, contrast=0.65, blur=0.008,
+        noise=0.040, vignetting=0.35, disc_scale=0.22, disc_edge=0.24,
+        illumination=0.10, exposure=0.10, knee=1.0, vessel_contrast=0.50,
+    ),
     # Bright, saturated yellow, high contrast, strong vignetting, small disc.
-    "Domain3": FundusDomain((1.10, 1.00, 0.55), 0.12, 1.30, 0.000, 0.020, 0.60, 0.16, 0.10),
+    "Domain3": FundusDomain(
+        colour_cast=(1.10, 1.00, 0.55), brightness=0.12, contrast=1.30, blur=0.000,
+        noise=0.020, vignetting=0.60, disc_scale=0.16, disc_edge=0.10,
+        illumination=0.15, exposure=0.10, knee=0.85, vessel_contrast=0.55,
+    ),
     # Blue-grey cast, heavy blur, little noise, large soft disc: the most ambiguous domain.
-    "Domain4": FundusDomain((0.85, 0.95, 1.40), 0.04, 0.85, 0.020, 0.010, 0.10, 0.27, 0.36),
+    "Domain4": FundusDomain(
+        colour_cast=(0.85, 0.95, 1.40), brightness=0.04, contrast=0.85, blur=0.020,
+        noise=0.010, vignetting=0.10, disc_scale=0.27, disc_edge=0.36,
+        illumination=0.05, exposure=0.05, knee=1.0, vessel_contrast=0.45,
+    ),
 }
+# fmt: on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +152,21 @@ def _ramp(x: np.ndarray, width: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(np.clip(4.0 * x / max(width, 1e-3), -30, 30)))
 
 
-def _vessel_map(rng, shape: tuple[int, int], centre, size: float) -> np.ndarray:
-    """Darkening in [0, 1] from a few smooth vessels leaving the disc up and down."""
+def _tone_curve(x: np.ndarray, knee: float) -> np.ndarray:
+    """Camera response with a highlight shoulder: linear up to `knee`, then rolling off smoothly
+    (slope 1 at the knee) towards 1, so over-exposed bright values (disc rim and cup) are
+    compressed together instead of clipped; a knee of 1 or more is the identity."""
+    if knee >= 1.0:
+        return x
+    over = np.maximum(x - knee, 0.0)
+    return np.minimum(x, knee) + (1.0 - knee) * np.tanh(over / (1.0 - knee))
+
+
+def _vessel_map(
+    rng, shape: tuple[int, int], centre, size: float, magnification: float
+) -> np.ndarray:
+    """Darkening in [0, 1] from a few smooth vessels leaving the disc up and down; their width
+    scales with `magnification` (the disc scale over 0.2), as the disc's does."""
     darkness = np.zeros(shape)
     t = np.linspace(0.0, 1.0, 4 * int(size))[:, None]  # several samples per pixel of length
     for direction in (-1.0, -1.0, 1.0, 1.0, rng.choice([-1.0, 1.0])):
@@ -144,7 +187,7 @@ def _vessel_map(rng, shape: tuple[int, int], centre, size: float) -> np.ndarray:
             iy, ix = base[:, 0] + dy, base[:, 1] + dx
             inside = (iy >= 0) & (iy < shape[0]) & (ix >= 0) & (ix < shape[1])
             np.add.at(line, (iy[inside], ix[inside]), w[inside])
-        sigma = max(rng.uniform(0.007, 0.013) * size, 0.5)
+        sigma = max(rng.uniform(0.007, 0.013) * size * magnification, 0.5)
         profile = _gaussian_blur(line[: shape[0], : shape[1]], sigma) * np.sqrt(2 * np.pi) * sigma
         darkness = np.maximum(darkness, np.clip(profile, 0.0, 1.0))
     return darkness
@@ -191,16 +234,24 @@ def generate_fundus(
     cup_alpha = _ramp(r_cup - 1.0, 0.5)[..., None]  # ramp over half the cup radius: always soft
     image = retina * (1 - disc_alpha) + np.array([0.92, 0.70, 0.42]) * disc_alpha
     image = image * (1 - cup_alpha) + np.array([1.0, 0.92, 0.72]) * cup_alpha
-    vessels = _vessel_map(rng, (size, size), cup_centre, size)[..., None]
-    image = image * (1 - 0.55 * vessels) + np.array([0.35, 0.05, 0.03]) * 0.55 * vessels
+    vessels = p.vessel_contrast * _vessel_map(
+        rng, (size, size), cup_centre, size, p.disc_scale / 0.2
+    )
+    image = image * (1 - vessels[..., None]) + np.array([0.35, 0.05, 0.03]) * vessels[..., None]
 
-    # Camera: colour cast, contrast, brightness, vignetting, blur, noise.
-    image = image * np.array(p.colour_cast) * rng.uniform(0.95, 1.05)
+    # Camera: exposure and colour gains, contrast and brightness, uneven illumination (vignetting
+    # and a linear gradient in a random direction), blur, noise, tone curve.
+    exposure = rng.uniform(0.95, 1.05) * np.exp(p.exposure * rng.standard_normal())
+    image = image * np.array(p.colour_cast) * exposure
     image = (image - 0.5) * p.contrast + 0.5 + p.brightness
     corner = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (size**2 / 2)
-    image = image * (1.0 - p.vignetting * corner)[..., None]
+    direction = rng.uniform(0, 2 * np.pi)
+    c, s = np.cos(direction), np.sin(direction)
+    across = (c * (xx - size / 2) + s * (yy - size / 2)) / (size / 2)  # +-1 at the edges
+    image = image * ((1.0 - p.vignetting * corner) * (1.0 + p.illumination * across))[..., None]
     image = _gaussian_blur(image, p.blur * size)
     image = image + rng.normal(0.0, p.noise, image.shape)
+    image = _tone_curve(image, p.knee)
     image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
     return image, mask
 

@@ -1,0 +1,77 @@
+"""Which config fields change what a run computes, and which are incidental.
+
+One list, used twice: resuming a workdir whose saved config differs in a field that changes the
+computation is an error (`train.train_and_evaluate`), and the experiment runner names each run's
+folder by every override that is not incidental (`experiments.run_dir`), so that runs that
+compute different things never share a folder or a table row.
+
+Incidental fields change how a run is logged, stored, laid out on devices or where it reads its
+files from, never its numbers: the 1-vs-N-device equality is tested (tests/test_parallel.py),
+evaluation batches are padded without changing any prediction, and the data folders are
+addresses of the same bytes.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+# Dotted names; a name ending in '.' covers every field under that group.
+INCIDENTAL_FIELDS = (
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "allow_config_change",
+    "data.data_dir",
+    "data.manual_dir",
+    # Stores images pre-resized with the input pipeline's own resampling (identical network
+    # input, tested) while the masks keep the released grid for native scoring.
+    "data.build_kwargs.store_size",
+    "data.num_workers",
+    "eval.batch_size",
+    "eval.num_panels",
+    "eval.save_predictions",
+    "parallel.",
+)
+
+
+def is_incidental(key: str) -> bool:
+    """Whether the dotted config field `key` leaves a run's numbers unchanged."""
+    key = key.removeprefix("config.")
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in INCIDENTAL_FIELDS)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and tuples are compared as lists."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def changed_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted fields that differ, as 'field: saved -> current', sorted, incidental ones included.
+
+    Args:
+      saved: a config as JSON (e.g. the one stored with a checkpoint).
+      current: the config of this run, as JSON.
+
+    Returns:
+      One line per differing field; a field present on one side only counts as differing.
+    """
+    a, b = flatten(saved), flatten(current)
+    missing = object()
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key, missing), b.get(key, missing)
+        if x != y:
+            show = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
+            out.append(f"{key}: {show(x)} -> {show(y)}")
+    return out
+
+
+def computational_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """`changed_fields` without the incidental ones: the changes that would mix two runs."""
+    return [c for c in changed_fields(saved, current) if not is_incidental(c.split(":", 1)[0])]

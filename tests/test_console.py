@@ -1,0 +1,124 @@
+"""What a run prints: the program's own lines on the console, everything in WORKDIR/log.txt."""
+
+import io
+import logging
+import os
+import re
+import subprocess
+import sys
+
+from tests import conftest
+from tests.train_worker import RUN_STEPS, SMALL_MODEL, shared_jax_cache, worker_env
+
+# absl's log line prefix: level letter, MMDD, time, thread, file:line]
+ABSL_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ ]+:\d+\] ")
+
+
+def _record(level: int, pathname: str) -> logging.LogRecord:
+    return logging.LogRecord("absl", level, pathname, 1, "message", None, None)
+
+
+def test_quiet_console_shows_warnings_and_errors_but_not_info_or_library_routine():
+    from puseg_jax import logging_utils
+
+    def lib(*parts):
+        return os.path.join(os.sep, "venv", "site-packages", *parts)
+
+    tfds_file = lib("tensorflow_datasets", "core", "dataset_builder.py")
+    orbax_file = lib("orbax", "checkpoint", "checkpoint_manager.py")
+    jax_file = lib("jax", "_src", "xla_bridge.py")
+    ours = str(conftest.REPO / "puseg_jax" / "evaluation.py")
+    for path in (ours, orbax_file, jax_file):
+        assert not logging_utils._quiet_console(_record(logging.INFO, path))
+    for path in (ours, jax_file):
+        assert logging_utils._quiet_console(_record(logging.WARNING, path))
+    for path in (tfds_file, orbax_file):
+        assert not logging_utils._quiet_console(_record(logging.WARNING, path))
+        assert logging_utils._quiet_console(_record(logging.ERROR, path))
+
+
+def test_stdout_to_log_turns_prints_into_info_records(caplog, capsys):
+    from puseg_jax import logging_utils
+
+    with caplog.at_level(logging.INFO), logging_utils.stdout_to_log():
+        print("first line\n")
+        print("second", end="")
+    assert capsys.readouterr().out == ""
+    assert [r.getMessage() for r in caplog.records] == ["first line", "second"]
+
+
+def test_progress_updates_in_place_on_a_terminal_and_logs_plain_lines(monkeypatch, capsys):
+    from puseg_jax import logging_utils
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    console, log = Terminal(), io.StringIO()
+    run = logging_utils._RunLog(log, console)
+    monkeypatch.setattr(logging_utils, "_ACTIVE", run)
+    out = logging_utils._Tee(console, run)
+    logging_utils.progress("[train] step 1/4")
+    logging_utils.progress("[train] step 2/4")
+    out.write("[eval] step 2\n")
+    assert console.getvalue() == (
+        "\r[train] step 1/4\x1b[K\r[train] step 2/4\x1b[K\n[eval] step 2\n"
+    )
+    assert log.getvalue() == "[train] step 1/4\n[train] step 2/4\n[eval] step 2\n"
+    # Not a terminal (a pipe, a file): plain lines at the log cadence.
+    monkeypatch.setattr(logging_utils, "_ACTIVE", None)
+    logging_utils.progress("[train] step 3/4")
+    assert capsys.readouterr().out == "[train] step 3/4\n"
+
+
+def test_main_prints_only_its_own_lines_and_logs_everything(tfds_dir, tmp_path_factory):
+    # The resume test's run (same programs, so the shared compilation cache serves both), with
+    # evaluation every 12 of its 24 steps: the periodic evaluation at step 24 falls on the last
+    # step, where the final evaluation scores the same state, and is printed once.
+    workdir = tmp_path_factory.mktemp("console") / "run"
+    env = worker_env(8, shared_jax_cache(tmp_path_factory))
+    env.pop("PUSEG_VERBOSE", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "puseg_jax.main",
+            "--config=configs/test.py",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={tfds_dir}",
+            f"--config.num_train_steps={RUN_STEPS}",
+            "--config.log_every_steps=12",
+            "--config.checkpoint_every_steps=8",
+            "--config.eval_every_steps=12",
+            *[f"--config.{k}={v!r}" for k, v in SMALL_MODEL.items()],
+        ],
+        cwd=conftest.REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = (result.stdout + result.stderr).splitlines()
+    assert not [line for line in console if ABSL_LINE.match(line)]
+    assert not [line for line in console if "Shuffling" in line or "Generating" in line]
+    assert all(
+        line.startswith(("[prepare]", "[train]", "[eval]", "|")) for line in console if line
+    ), console
+    steps = [line.split()[2] for line in console if line.startswith("[train] step")]
+    assert steps == ["12/24", "24/24"]
+    # Step 12: one line for the source domains (each evaluator's own line is in the log).
+    periodic = [line for line in console if line.startswith("[eval] step 12 ")]
+    assert len(periodic) == 1 and re.match(
+        r"\[eval\] step 12 source_val Dice: Domain1 OD [0-9.]+ OC [0-9.]+ \| Domain2 .* \| mean ",
+        periodic[0],
+    )
+    for name in ("Domain1", "Domain2", "Domain3"):
+        assert sum(line.startswith(f"[eval] step 24 {name} ") for line in console) == 1
+    assert sum(line.startswith("| ours | Domain3 | target |") for line in console) == 1
+
+    log = (workdir / "log.txt").read_text()
+    assert sum(bool(ABSL_LINE.match(line)) for line in log.splitlines()) > 10
+    assert "[eval] step 12 Domain1 (source_val" in log
+    for line in console:
+        assert line in log  # the console's lines too, in the same words
