@@ -6,7 +6,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # seeds parameters, data order, augmentation and sampling noise
-    config.method = "ours"  # erm | focal | topk | entropy | ours | ours_no_highlight
+    # erm | erm_nll | focal | topk | entropy | ours | ours_no_highlight (docs/method.md)
+    config.method = "ours"
 
     # ---- data -------------------------------------------------------------------------------
     config.data = d = ml_collections.ConfigDict()
@@ -51,10 +52,16 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- loss (docs/method.md) --------------------------------------------------------------
     config.loss = lo = ml_collections.ConfigDict()
     lo.num_samples = 10  # T, logit samples per pixel
-    lo.alpha = 1.0  # weight of the uncertainty loss L_unc
-    lo.lambda_max = 1.0  # highlight strength after the ramp
+    lo.alpha = 1.0  # weight of the uncertainty loss L_unc (erm_nll: of its sigma = 0 form)
+    lo.lambda_max = 1.0  # highlight strength after the ramp (ours_no_highlight: 0)
     lo.ramp_fraction = 0.1  # t_r as a fraction of num_train_steps
-    lo.uncertainty_source = "entropy"  # U from: entropy (of the sample mean) | sigma
+    # The variants of the highlighting of `ours` (and its ablation ours_no_highlight):
+    # U from: entropy (of the sample mean) | sigma | mc_dropout (needs model.dropout_rate > 0)
+    lo.uncertainty_source = "entropy"
+    lo.mc_passes = 3  # mc_dropout: extra dropout forward passes per step for U
+    lo.highlight_terms = "ce"  # weighted by w: ce | ce+unc | ce+unc+dice
+    lo.highlight_norm = "weighted_mean"  # weighted_mean: sum(wL)/sum(w) | mean: mean(wL)
+    lo.highlight_top_q = 0.0  # 0 = off; q in (0, 1]: only the q most uncertain pixels per image
     lo.logvar_head = "per_class"  # log-variance channels: per_class (K) | shared (1)
     lo.dice_weight = 1.0  # weight of the soft Dice loss
     lo.dice_eps = 1e-5  # smoothing of the soft Dice

@@ -20,9 +20,12 @@ import ml_collections
 import optax
 from jax.scipy.special import xlogy
 
-METHODS = ("erm", "focal", "topk", "entropy", "ours", "ours_no_highlight")
+METHODS = ("erm", "erm_nll", "focal", "topk", "entropy", "ours", "ours_no_highlight")
 UNCERTAINTY_HEAD_METHODS = ("ours", "ours_no_highlight")
-UNCERTAINTY_SOURCES = ("entropy", "sigma")
+# The config fields of the highlighted loss of `ours` (docs/method.md, "Variants").
+UNCERTAINTY_SOURCES = ("entropy", "sigma", "mc_dropout")
+HIGHLIGHT_TERMS = ("ce", "ce+unc", "ce+unc+dice")
+HIGHLIGHT_NORMS = ("weighted_mean", "mean")
 
 
 def _gsum(x: jax.Array, axis_name: str | None, axis=None) -> jax.Array:
@@ -92,6 +95,7 @@ def soft_dice_loss(
     label_mode: str,
     eps: float = 1e-5,
     axis_name: str | None = None,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
     """1 - soft Dice of the foreground over the whole (global) batch, averaged over structures.
 
@@ -101,16 +105,24 @@ def soft_dice_loss(
       label_mode: 'softmax' (foreground = channels 1..K-1) or 'sigmoid' (every channel).
       eps: smoothing added to numerator and denominator.
       axis_name: data-parallel axis to sum over, or None.
+      weights: optional per-pixel weights w [B, H, W] (the highlighting), shared by the
+        structures; None is the plain soft Dice (and w = 1 gives exactly the same value).
 
     Returns:
-      Scalar 1 - (2 sum p y + eps) / (sum p + sum y + eps), structure-averaged.
+      Scalar 1 - (2 sum w p y + eps) / (sum w p + sum w y + eps), structure-averaged.
     """
     probs = probabilities(logits, label_mode)
     if label_mode == "softmax":
         probs, targets = probs[..., 1:], targets[..., 1:]
     axes = tuple(range(probs.ndim - 1))
-    inter = _gsum(probs * targets, axis_name, axes)
-    denom = _gsum(probs, axis_name, axes) + _gsum(targets, axis_name, axes)
+    if weights is None:
+        inter = _gsum(probs * targets, axis_name, axes)
+        denom = _gsum(probs, axis_name, axes) + _gsum(targets, axis_name, axes)
+    else:
+        # At w = 1 each product is p y, p or y bit for bit: the plain soft Dice exactly.
+        w = weights[..., None]
+        inter = _gsum(w * probs * targets, axis_name, axes)
+        denom = _gsum(w * probs, axis_name, axes) + _gsum(w * targets, axis_name, axes)
     return 1.0 - jnp.mean((2.0 * inter + eps) / (denom + eps))
 
 
@@ -232,6 +244,49 @@ def sigma_uncertainty(log_var: jax.Array) -> jax.Array:
     return (sigma - lo) / jnp.maximum(hi - lo, 1e-12)
 
 
+def top_q_selection(u: jax.Array, q: float) -> jax.Array:
+    """1 on the `q` most uncertain pixels of each image, 0 elsewhere.
+
+    Selected per image, so every device layout selects the same pixels. `lax.top_k` puts the
+    lower index first among equal values, which resolves ties deterministically (row-major
+    order within the image).
+
+    Args:
+      u: uncertainty [B, H, W].
+      q: share of each image's pixels selected, in (0, 1]; round(q H W), at least one.
+
+    Returns:
+      [B, H, W] float32 selection.
+    """
+    flat = u.reshape(u.shape[0], -1)
+    k = max(1, int(round(q * flat.shape[1])))
+    _, idx = jax.lax.top_k(flat, k)
+    rows = jnp.arange(flat.shape[0])[:, None]
+    return jnp.zeros(flat.shape, jnp.float32).at[rows, idx].set(1.0).reshape(u.shape)
+
+
+def weighted_pixel_mean(
+    x: jax.Array, w: jax.Array, norm: str, axis_name: str | None = None
+) -> jax.Array:
+    """A highlighted per-pixel loss over the global batch.
+
+    Args:
+      x: per-pixel loss [B, H, W].
+      w: weights [B, H, W].
+      norm: 'weighted_mean' (sum w x / sum w: the weights move loss between pixels and keep its
+        scale) or 'mean' (mean of w x: the scale grows with mean w).
+      axis_name: data-parallel axis to sum over, or None.
+
+    Returns:
+      Scalar.
+    """
+    if norm == "weighted_mean":
+        return _gsum(w * x, axis_name) / _gsum(w, axis_name)
+    if norm == "mean":
+        return _gmean(w * x, axis_name)
+    raise ValueError(f"Unknown loss.highlight_norm {norm!r}; expected one of {HIGHLIGHT_NORMS}")
+
+
 def highlight_lambda(step: jax.Array, lambda_max: float, ramp_steps: float) -> jax.Array:
     """lambda(t) = lambda_max * exp(-5 (1 - t / t_r)^2) for t < t_r, lambda_max after.
 
@@ -273,6 +328,47 @@ def num_logvar_channels(config: ml_collections.ConfigDict, num_outputs: int) -> 
     return heads[config.loss.logvar_head]
 
 
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; expected one of {choices}")
+
+
+def validate_loss_config(config: ml_collections.ConfigDict) -> None:
+    """Raises a clear ValueError for a mistake in `method` or the `loss.*` fields.
+
+    Every field is checked whatever the method, so that a typo in a suite-wide override fails
+    at once; what depends on the method (MC dropout needs dropout) only where the method uses it.
+
+    Args:
+      config: the experiment config (`method`, `loss.*`, `model.dropout_rate`).
+    """
+    lc = config.loss
+    _check_choice("method", config.method, METHODS)
+    _check_choice("loss.uncertainty_source", lc.uncertainty_source, UNCERTAINTY_SOURCES)
+    _check_choice("loss.highlight_terms", lc.highlight_terms, HIGHLIGHT_TERMS)
+    _check_choice("loss.highlight_norm", lc.highlight_norm, HIGHLIGHT_NORMS)
+    if not 0.0 <= lc.highlight_top_q <= 1.0:
+        raise ValueError(
+            f"loss.highlight_top_q={lc.highlight_top_q} must be in [0, 1] "
+            "(0 = every pixel highlighted by its U; q = the q most uncertain pixels per image)"
+        )
+    if lc.lambda_max < 0:
+        raise ValueError(f"loss.lambda_max={lc.lambda_max} must be >= 0")
+    if lc.ramp_fraction < 0:
+        raise ValueError(f"loss.ramp_fraction={lc.ramp_fraction} must be >= 0")
+    if not isinstance(lc.mc_passes, int) or lc.mc_passes < 1:
+        raise ValueError(f"loss.mc_passes={lc.mc_passes!r} must be an integer >= 1")
+    if (
+        config.method in UNCERTAINTY_HEAD_METHODS
+        and lc.uncertainty_source == "mc_dropout"
+        and config.model.dropout_rate <= 0
+    ):
+        raise ValueError(
+            "loss.uncertainty_source='mc_dropout' needs model.dropout_rate > 0 "
+            f"(got {config.model.dropout_rate}): the MC passes differ only by their dropout masks"
+        )
+
+
 def compute_loss(
     config: ml_collections.ConfigDict,
     outputs: dict[str, jax.Array],
@@ -287,7 +383,9 @@ def compute_loss(
 
     Args:
       config: the experiment config (uses `method`, `loss.*`, `num_train_steps`).
-      outputs: the network outputs ('logits', and 'log_var' for the uncertainty methods).
+      outputs: the network outputs ('logits', and 'log_var' for the uncertainty methods), and
+        for `loss.uncertainty_source='mc_dropout'` 'mc_probs', the mean probabilities of the
+        MC-dropout passes [B, H, W, K] (see `train.train_step`).
       mask: class mask [B, H, W] int32.
       rng: the step's key (same on every device).
       step: the global step, for the lambda ramp.
@@ -296,50 +394,77 @@ def compute_loss(
       axis_name: data-parallel axis to reduce over, or None on one device.
 
     Returns:
-      (loss, aux): aux holds the loss terms, mean U and mean w (all global-batch values).
+      (loss, aux): aux holds the loss terms and, for the highlighting methods, lambda, mean U,
+      mean w, `hl_ratio` (the weighted CE term over the plain mean CE) and `hl_fraction` (the
+      share of pixels eligible for w > 1: highlight_top_q, or 1); all global-batch values.
     """
     method, lc = config.method, config.loss
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
-    if lc.uncertainty_source not in UNCERTAINTY_SOURCES:
-        raise ValueError(
-            f"Unknown loss.uncertainty_source {lc.uncertainty_source!r}; "
-            f"expected one of {UNCERTAINTY_SOURCES}"
-        )
+    validate_loss_config(config)
     mu = outputs["logits"]
     targets = targets_from_mask(mask, label_mode, mu.shape[-1])
     ce = pixel_cross_entropy(mu, targets, label_mode)
-    dice = soft_dice_loss(mu, targets, label_mode, lc.dice_eps, axis_name)
-    aux: dict[str, Any] = {"loss_dice": dice}
+    aux: dict[str, Any] = {}
+    dice_weights = None
 
-    if method == "erm":
+    if method in ("erm", "erm_nll"):
         seg = _gmean(ce, axis_name)
+        if method == "erm_nll":
+            # The uncertainty loss at sigma = 0 (one sample, z = mu): the channel-summed CE.
+            aux["loss_unc"] = _gmean(uncertainty_nll(mu[None], targets, label_mode), axis_name)
     elif method == "focal":
         seg = _gmean(focal_pixel_loss(mu, targets, label_mode, lc.focal_gamma), axis_name)
     elif method == "topk":
         total, count = topk_image_loss(ce, lc.topk_fraction)
         seg = _gsum(total, axis_name) / _gsum(count, axis_name)
     else:
-        lam = highlight_lambda(step, lc.lambda_max, lc.ramp_fraction * config.num_train_steps)
+        # The ablation is `ours` at lambda_max = 0, traced the same way: w == 1 exactly.
+        lam_max = 0.0 if method == "ours_no_highlight" else lc.lambda_max
+        lam = highlight_lambda(step, lam_max, lc.ramp_fraction * config.num_train_steps)
+        nll = None
         if method == "entropy":
+            # The single-pass baseline keeps its own U and today's weighting of the CE only.
             u = normalized_entropy(probabilities(mu, label_mode), label_mode)
+            terms, norm, top_q = "ce", "weighted_mean", 0.0
         else:
             log_var = outputs["log_var"]
             z = sample_logits(mu, log_var, rng, lc.num_samples, example_ids)
-            unc = _gmean(uncertainty_nll(z, targets, label_mode), axis_name)
-            aux["loss_unc"] = unc
+            nll = uncertainty_nll(z, targets, label_mode)
             if lc.uncertainty_source == "sigma":
                 u = sigma_uncertainty(log_var)
+            elif lc.uncertainty_source == "mc_dropout":
+                if "mc_probs" not in outputs:
+                    raise ValueError(
+                        "loss.uncertainty_source='mc_dropout' needs outputs['mc_probs'], the "
+                        "mean probabilities of the MC-dropout passes (train.train_step adds them)"
+                    )
+                u = normalized_entropy(outputs["mc_probs"], label_mode)
             else:
                 u = normalized_entropy(sample_mean_probs(z, label_mode), label_mode)
-            if method == "ours_no_highlight":
-                lam = jnp.zeros((), jnp.float32)
-        w = 1.0 + lam * jax.lax.stop_gradient(u)
-        seg = _gsum(w * ce, axis_name) / _gsum(w, axis_name)
-        aux.update(lam=lam, mean_u=_gmean(u, axis_name), mean_w=_gmean(w, axis_name))
+            terms, norm, top_q = lc.highlight_terms, lc.highlight_norm, lc.highlight_top_q
+        u = jax.lax.stop_gradient(u)
+        selected = top_q_selection(u, top_q) if top_q > 0 else jnp.ones_like(u)
+        w = 1.0 + lam * (selected * u if top_q > 0 else u)
+        seg = weighted_pixel_mean(ce, w, norm, axis_name)
+        if nll is not None:
+            weighted_unc = terms in ("ce+unc", "ce+unc+dice")
+            aux["loss_unc"] = (
+                weighted_pixel_mean(nll, w, norm, axis_name)
+                if weighted_unc
+                else _gmean(nll, axis_name)
+            )
+        if terms == "ce+unc+dice":
+            dice_weights = w
+        aux.update(
+            lam=lam,
+            mean_u=_gmean(u, axis_name),
+            mean_w=_gmean(w, axis_name),
+            hl_ratio=seg / _gmean(ce, axis_name),
+            hl_fraction=_gmean(selected, axis_name),
+        )
 
+    aux["loss_dice"] = soft_dice_loss(mu, targets, label_mode, lc.dice_eps, axis_name, dice_weights)
     aux["loss_seg"] = seg
-    loss = seg + lc.dice_weight * dice
+    loss = seg + lc.dice_weight * aux["loss_dice"]
     if "loss_unc" in aux:
         loss = loss + lc.alpha * aux["loss_unc"]
     aux["loss"] = loss

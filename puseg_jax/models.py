@@ -78,6 +78,30 @@ class DoubleConv(nn.Module):
         return x
 
 
+def example_dropout(x: jax.Array, rate: float, rng: jax.Array, example_ids: jax.Array) -> jax.Array:
+    """Inverted dropout whose mask of each example is drawn from `fold_in(rng, example_id)`.
+
+    With the example's index in the global batch, the masks do not depend on how the batch is
+    split across devices (`nn.Dropout` draws one mask for the device's whole share).
+
+    Args:
+      x: activations [B, ...].
+      rate: probability of dropping an activation, in (0, 1).
+      rng: the layer's key (the same on every device).
+      example_ids: [B] indices of these examples in the global batch.
+
+    Returns:
+      x with dropped activations zeroed and the others scaled by 1 / (1 - rate).
+    """
+    keep_prob = 1.0 - rate
+
+    def one(eid):
+        return jax.random.bernoulli(jax.random.fold_in(rng, eid), keep_prob, x.shape[1:])
+
+    keep = jax.vmap(one)(example_ids)
+    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
 class UNet(nn.Module):
     """U-Net with len(widths) - 1 down-sampling levels and two 1x1 heads.
 
@@ -105,13 +129,22 @@ class UNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, mc_dropout: bool = False) -> dict[str, jax.Array]:
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool,
+        mc_dropout: bool = False,
+        example_ids: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
         """Runs the network.
 
         Args:
           x: images, float32 [B, H, W, C]; H and W divisible by 2 ** (len(widths) - 1).
           train: BatchNorm in training mode (batch statistics, updates running averages).
           mc_dropout: apply decoder dropout even when not training (MC-dropout sampling).
+          example_ids: [B] indices of the examples in the global batch; when given, dropout
+            draws each example's mask from its index (`example_dropout`), so that the masks do
+            not depend on the device layout.
 
         Returns:
           {'logits': [B, H, W, K] float32, 'log_var': [B, H, W, logvar_channels] float32 (only if
@@ -138,7 +171,11 @@ class UNet(nn.Module):
             x = jnp.concatenate([x, skip], axis=-1)
             x = DoubleConv(width, **block)(x, train)
             if self.dropout_rate > 0:
-                x = nn.Dropout(self.dropout_rate, deterministic=not (train or mc_dropout))(x)
+                deterministic = not (train or mc_dropout)
+                if example_ids is None or deterministic:
+                    x = nn.Dropout(self.dropout_rate, deterministic=deterministic)(x)
+                else:
+                    x = example_dropout(x, self.dropout_rate, self.make_rng("dropout"), example_ids)
         out = {
             "logits": nn.Conv(self.num_classes, (1, 1), name="logits_head")(x).astype(jnp.float32)
         }

@@ -58,8 +58,8 @@ def resolve_evals(config: ml_collections.ConfigDict) -> dict[str, dict]:
 def validate_config(config: ml_collections.ConfigDict) -> DatasetInfo:
     """Raises a clear ValueError for config mistakes."""
     info = get_dataset_info(config.data.name)
-    if config.method not in losses.METHODS:
-        raise ValueError(f"Unknown method {config.method!r}; expected one of {losses.METHODS}")
+    # The method and every loss field (the highlighting variants, MC dropout's dropout).
+    losses.validate_loss_config(config)
     if config.parallel.strategy not in parallel.STRATEGIES:
         raise ValueError(
             f"Unknown parallel.strategy {config.parallel.strategy!r}; "
@@ -208,6 +208,54 @@ def create_train_state(
 # ---------------------------------------------------------------------------------------------
 # The per-device steps (wrapped by parallel.py; reduce over parallel.AXIS).
 
+# fold_in(step key, _MC_DROPOUT_STREAM) keys the MC-dropout passes: a constant far from the
+# counters (0..3) that `jax.random.split` uses for the noise and dropout keys, so the streams
+# stay independent and the keys of every other step input stay what they were.
+_MC_DROPOUT_STREAM = 0x6D634450
+
+
+def mc_dropout_mean_probs(
+    state: TrainState,
+    images: jax.Array,
+    rng: jax.Array,
+    num_passes: int,
+    example_ids: jax.Array,
+    label_mode: str,
+) -> jax.Array:
+    """Mean class probabilities of `num_passes` dropout forward passes, without gradient.
+
+    BatchNorm normalises with the batch statistics, as in the training pass the weights are
+    applied to, and the statistics these passes compute are discarded: they never reach the
+    state. Each pass's masks come from `fold_in(rng, pass)` and the examples' global indices,
+    so they do not depend on the device layout.
+
+    Args:
+      state: the current train state (params, batch_stats, apply_fn).
+      images: this device's images [B, H, W, C].
+      rng: key of the passes (the same on every device).
+      num_passes: P, the number of passes.
+      example_ids: [B] indices of the examples in the global batch.
+      label_mode: 'softmax' or 'sigmoid'.
+
+    Returns:
+      [B, H, W, K] float32 mean probabilities.
+    """
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    def one(p):
+        outputs, _ = state.apply_fn(
+            variables,
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.fold_in(rng, p)},
+            example_ids=example_ids,
+        )
+        return losses.probabilities(outputs["logits"], label_mode)
+
+    probs = jax.vmap(one)(jnp.arange(num_passes))
+    return jax.lax.stop_gradient(jnp.mean(probs, axis=0))
+
 
 def train_step(
     state: TrainState,
@@ -226,8 +274,15 @@ def train_step(
     noise_rng, dropout_rng = jax.random.split(step_rng)
     local_batch = batch["image"].shape[0]
     ids = parallel.example_ids(local_batch)
-    # Dropout masks must not depend on the device layout either.
-    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(parallel.AXIS))
+    # Dropout masks must not depend on the device layout either: each example's mask is drawn
+    # from its global index (models.example_dropout).
+    extra_outputs = {}
+    lc = config.loss
+    if config.method in losses.UNCERTAINTY_HEAD_METHODS and lc.uncertainty_source == "mc_dropout":
+        mc_rng = jax.random.fold_in(step_rng, _MC_DROPOUT_STREAM)
+        extra_outputs["mc_probs"] = mc_dropout_mean_probs(
+            state, batch["image"], mc_rng, lc.mc_passes, ids, label_mode
+        )
 
     def loss_fn(params):
         outputs, new_vars = state.apply_fn(
@@ -236,7 +291,9 @@ def train_step(
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": dropout_rng},
+            example_ids=ids,
         )
+        outputs = dict(outputs, **extra_outputs)
         loss, aux = losses.compute_loss(
             config,
             outputs,
@@ -279,9 +336,14 @@ def eval_step(
     if config.eval.uncertainty == "mc_dropout":
 
         def one(t):
-            key = jax.random.fold_in(jax.random.fold_in(rng, t), jax.lax.axis_index(parallel.AXIS))
+            # Masks per example from its global index: independent of the device layout.
             out = state.apply_fn(
-                variables, batch["image"], train=False, mc_dropout=True, rngs={"dropout": key}
+                variables,
+                batch["image"],
+                train=False,
+                mc_dropout=True,
+                rngs={"dropout": jax.random.fold_in(rng, t)},
+                example_ids=ids,
             )
             return losses.probabilities(out["logits"], label_mode)
 

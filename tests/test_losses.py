@@ -76,11 +76,24 @@ def _data(mode, seed=0):
     return mu, log_var, mask
 
 
+def _mc_probs(mode, seed=2):
+    """Stand-in for the mean of 3 MC-dropout passes (train.train_step computes the real one)."""
+    rng = np.random.default_rng(seed)
+    return np.mean(np_probs(rng.normal(0, 2, (3, B, H, W, K)), mode), 0).astype(np.float32)
+
+
+def _outputs(config, mode, mu, log_var):
+    outputs = {"logits": jnp.asarray(mu)}
+    if config.method in losses.UNCERTAINTY_HEAD_METHODS:
+        outputs["log_var"] = jnp.asarray(log_var)
+        if config.loss.uncertainty_source == "mc_dropout":
+            outputs["mc_probs"] = jnp.asarray(_mc_probs(mode))
+    return outputs
+
+
 def _loss(method, mode, mu, log_var, mask, step=0, rng=None, **overrides):
     config = make_config(method=method, **overrides)
-    outputs = {"logits": jnp.asarray(mu)}
-    if method in losses.UNCERTAINTY_HEAD_METHODS:
-        outputs["log_var"] = jnp.asarray(log_var)
+    outputs = _outputs(config, mode, mu, log_var)
     rng = jax.random.key(3) if rng is None else rng
     return losses.compute_loss(
         config, outputs, jnp.asarray(mask), rng, jnp.asarray(step), mode, jnp.arange(mu.shape[0])
@@ -301,6 +314,208 @@ def test_ours_by_hand(mode, source):
     np.testing.assert_allclose(total, hl + dice + 0.7 * unc, rtol=1e-5)
 
 
+# The variants of the highlighting (docs/method.md), as overrides of configs/test.py's `ours`.
+DROPOUT = {"model.dropout_rate": 0.2}
+VARIANTS = {
+    "today": {},
+    "lambda_10": {"loss.lambda_max": 10.0},
+    "ce+unc": {"loss.highlight_terms": "ce+unc"},
+    "ce+unc+dice": {"loss.highlight_terms": "ce+unc+dice"},
+    "mean": {"loss.highlight_norm": "mean"},
+    "sigma": {"loss.uncertainty_source": "sigma"},
+    "mc_dropout": {"loss.uncertainty_source": "mc_dropout", **DROPOUT},
+    "top_q": {"loss.highlight_top_q": 0.25},
+    "all": {
+        "loss.lambda_max": 3.0,
+        "loss.highlight_terms": "ce+unc+dice",
+        "loss.highlight_norm": "mean",
+        "loss.uncertainty_source": "mc_dropout",
+        "loss.highlight_top_q": 0.3,
+        **DROPOUT,
+    },
+    "sigma_ce+unc_top_q": {
+        "loss.uncertainty_source": "sigma",
+        "loss.highlight_terms": "ce+unc",
+        "loss.highlight_top_q": 0.5,
+    },
+}
+
+
+def np_top_q(u, q):
+    """1 on the round(q H W) largest U of each image; ties go to the lower row-major index."""
+    flat = u.reshape(u.shape[0], -1)
+    k = max(1, round(q * flat.shape[1]))
+    order = np.argsort(-flat, axis=1, kind="stable")
+    # The reference's float64 U must rank like the loss's float32 U: no near-tie at the cut.
+    ranked = np.take_along_axis(flat, order, 1)
+    if k < flat.shape[1]:
+        assert np.all(ranked[:, k - 1] - ranked[:, k] > 1e-5), "near-tie at the top-q cut"
+    sel = np.zeros_like(flat)
+    np.put_along_axis(sel, order[:, :k], 1.0, 1)
+    return sel.reshape(u.shape)
+
+
+def np_weighted_dice_loss(p, y, w, mode, eps):
+    if mode == "softmax":
+        p, y = p[..., 1:], y[..., 1:]
+    w = w[..., None]
+    axes = tuple(range(p.ndim - 1))
+    d = (2 * np.sum(w * p * y, axes) + eps) / (np.sum(w * p, axes) + np.sum(w * y, axes) + eps)
+    return 1 - np.mean(d)
+
+
+def np_ours(config, mode, mu, log_var, mask, z, mc_probs, lam):
+    """Every term of `ours` under the variant fields of `config.loss`, in float64."""
+    lc = config.loss
+    y = np_targets(mask, mode)
+    mu64 = mu.astype(np.float64)
+    ce = -np.mean(np_log_lik(mu64, y, mode), -1)
+    nll = -np.sum(np.log(np.mean(np.exp(np_log_lik(z, y[None], mode)), 0)), -1)
+    if lc.uncertainty_source == "entropy":
+        u = np_entropy01(np.mean(np_probs(z, mode), 0), mode)
+    elif lc.uncertainty_source == "sigma":
+        sig = np.exp(log_var.astype(np.float64) / 2).mean(-1)
+        lo, hi = sig.min((1, 2), keepdims=True), sig.max((1, 2), keepdims=True)
+        u = (sig - lo) / (hi - lo)
+    else:
+        u = np_entropy01(mc_probs.astype(np.float64), mode)
+    sel = np_top_q(u, lc.highlight_top_q) if lc.highlight_top_q > 0 else np.ones_like(u)
+    w = 1 + lam * sel * u
+
+    def reduce(x, weighted):
+        if not weighted:
+            return x.mean()
+        if lc.highlight_norm == "weighted_mean":
+            return np.sum(w * x) / np.sum(w)
+        return np.mean(w * x)
+
+    p = np_probs(mu64, mode)
+    if lc.highlight_terms == "ce+unc+dice":
+        dice = np_weighted_dice_loss(p, y, w, mode, lc.dice_eps)
+    else:
+        dice = np_dice_loss(p, y, mode, lc.dice_eps)
+    seg = reduce(ce, True)
+    unc = reduce(nll, lc.highlight_terms != "ce")
+    return dict(
+        loss_seg=seg,
+        loss_unc=unc,
+        loss_dice=dice,
+        loss=seg + lc.dice_weight * dice + lc.alpha * unc,
+        mean_u=u.mean(),
+        mean_w=w.mean(),
+        hl_ratio=seg / ce.mean(),
+        hl_fraction=sel.mean(),
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ours_variants_by_hand(mode, variant):
+    mu, log_var, mask = _data(mode)
+    step, rng = 30, jax.random.key(5)
+    overrides = {"num_train_steps": 400, "loss.alpha": 0.7, "loss.lambda_max": 1.5}
+    overrides.update(VARIANTS[variant])
+    config = make_config(method="ours", **overrides)
+    total, aux = _loss("ours", mode, mu, log_var, mask, step=step, rng=rng, **overrides)
+    z = np.asarray(
+        losses.sample_logits(
+            jnp.asarray(mu), jnp.asarray(log_var), rng, config.loss.num_samples, jnp.arange(B)
+        ),
+        np.float64,
+    )
+    t_r = config.loss.ramp_fraction * 400
+    lam = config.loss.lambda_max * np.exp(-5 * (1 - step / t_r) ** 2)
+    ref = np_ours(config, mode, mu, log_var, mask, z, _mc_probs(mode), lam)
+    np.testing.assert_allclose(aux["lam"], lam, rtol=1e-5)
+    for key, value in ref.items():
+        np.testing.assert_allclose(aux[key], value, rtol=2e-5, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(total, ref["loss"], rtol=2e-5)
+    # The variants do weight something: w > 1 somewhere, and the CE term moved.
+    assert float(aux["mean_w"]) > 1.0 and float(aux["hl_ratio"]) != 1.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lambda_zero_is_ours_no_highlight_exactly(mode, variant):
+    """`ours_no_highlight` is `ours` at lambda = 0 under every variant: w == 1, same loss."""
+    mu, log_var, mask = _data(mode)
+    kwargs = dict(step=1000, rng=jax.random.key(5), **VARIANTS[variant])
+    total0, aux0 = _loss("ours", mode, mu, log_var, mask, **{**kwargs, "loss.lambda_max": 0.0})
+    total, aux = _loss("ours_no_highlight", mode, mu, log_var, mask, **kwargs)
+    assert float(aux["lam"]) == 0.0 and float(aux["mean_w"]) == 1.0
+    assert float(aux["hl_ratio"]) == 1.0
+    np.testing.assert_array_equal(total, total0)
+    assert set(aux) == set(aux0)
+    for key in aux:
+        np.testing.assert_array_equal(aux[key], aux0[key], err_msg=key)
+    # And at w = 1 every weighted term is the plain one (mean CE, mean L_unc, plain Dice), so the
+    # loss of the ablation does not depend on the variant: the source of U only sets its logs.
+    _, today = _loss("ours_no_highlight", mode, mu, log_var, mask, step=1000, rng=kwargs["rng"])
+    for key in ("loss_seg", "loss_unc", "loss_dice", "loss"):
+        np.testing.assert_allclose(aux[key], today[key], rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weighted_soft_dice(mode):
+    mu, _, mask = _data(mode)
+    t = losses.targets_from_mask(jnp.asarray(mask), mode, K)
+    ones = jnp.ones((B, H, W))
+    for f in (losses.soft_dice_loss, jax.jit(losses.soft_dice_loss, static_argnums=2)):
+        plain = f(jnp.asarray(mu), t, mode)
+        # w = 1 gives the plain soft Dice bit for bit, eagerly and compiled.
+        np.testing.assert_array_equal(f(jnp.asarray(mu), t, mode, 1e-5, None, ones), plain)
+    w = np.random.default_rng(3).uniform(1, 3, (B, H, W))
+    y = np_targets(mask, mode)
+    got = losses.soft_dice_loss(jnp.asarray(mu), t, mode, 1e-5, None, jnp.asarray(w, jnp.float32))
+    ref = np_weighted_dice_loss(np_probs(mu.astype(np.float64), mode), y, w, mode, 1e-5)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    assert abs(float(got) - float(plain)) > 1e-4
+
+
+def test_top_q_selection_ties_and_bounds():
+    u = np.random.default_rng(4).uniform(size=(B, H, W)).astype(np.float32)
+    sel = np.asarray(losses.top_q_selection(jnp.asarray(u), 0.25))
+    np.testing.assert_array_equal(sel, np_top_q(u, 0.25))
+    assert np.all(sel.reshape(B, -1).sum(1) == 4)
+    # Equal U: the lower row-major indices win, the same in every image and every layout.
+    flat = np.asarray(losses.top_q_selection(jnp.zeros((2, H, W)), 0.25)).reshape(2, -1)
+    np.testing.assert_array_equal(flat, np.repeat((np.arange(H * W) < 4)[None], 2, 0))
+    # At least one pixel; q = 1 selects every pixel.
+    assert float(losses.top_q_selection(jnp.asarray(u), 1e-6).sum()) == B
+    np.testing.assert_array_equal(losses.top_q_selection(jnp.asarray(u), 1.0), 1.0)
+
+
+def test_top_q_one_is_top_q_off():
+    mu, log_var, mask = _data("sigmoid")
+    _, off = _loss("ours", "sigmoid", mu, log_var, mask, step=1000)
+    _, full = _loss(
+        "ours", "sigmoid", mu, log_var, mask, step=1000, **{"loss.highlight_top_q": 1.0}
+    )
+    for key in off:
+        np.testing.assert_array_equal(full[key], off[key], err_msg=key)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_erm_nll_by_hand(mode):
+    """erm + alpha x the uncertainty loss at sigma = 0: the channel-summed CE, no variance head."""
+    mu, _, mask = _data(mode)
+    y = np_targets(mask, mode)
+    mu64 = mu.astype(np.float64)
+    log_lik = np_log_lik(mu64, y, mode)
+    ce, summed = -np.mean(log_lik, -1), -np.sum(log_lik, -1)
+    dice = np_dice_loss(np_probs(mu64, mode), y, mode, 1e-5)
+    total, aux = _loss("erm_nll", mode, mu, None, mask, **{"loss.alpha": 0.7})
+    np.testing.assert_allclose(aux["loss_seg"], ce.mean(), rtol=1e-5)
+    np.testing.assert_allclose(aux["loss_unc"], summed.mean(), rtol=1e-5)
+    np.testing.assert_allclose(total, ce.mean() + dice + 0.7 * summed.mean(), rtol=1e-5)
+    # Softmax: the extra term is the CE itself; sigmoid: K times the channel-averaged CE.
+    np.testing.assert_allclose(aux["loss_unc"], (1 if mode == "softmax" else K) * ce.mean(), 1e-5)
+    assert losses.num_logvar_channels(make_config(method="erm_nll"), K) == 0
+    # It is exactly `ours`'s uncertainty loss at sigma -> 0.
+    _, ours = _loss("ours", mode, mu, np.full_like(mu, -80.0), mask)
+    np.testing.assert_allclose(aux["loss_unc"], ours["loss_unc"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_baselines_by_hand(mode):
     mu, log_var, mask = _data(mode)
@@ -422,14 +637,29 @@ def test_unknown_options_raise():
     assert losses.num_logvar_channels(make_config(**{"loss.logvar_head": "shared"}), 2) == 1
 
 
-@pytest.mark.parametrize("method", ["topk", "ours"])
-def test_one_and_eight_devices_agree(method):
-    """The global-batch reductions (psum over the data axis) make 8 shards give 1 device's loss."""
+# Every value of every variant field is in one of these (the reductions and the per-image
+# selections are what must not depend on the layout; each case is two compilations).
+DEVICE_CASES = {
+    "topk": ("topk", {}),
+    "erm_nll": ("erm_nll", {}),
+    "ours/today": ("ours", {}),
+    "ours/all": ("ours", VARIANTS["all"]),
+    "ours/sigma_ce+unc_top_q": ("ours", VARIANTS["sigma_ce+unc_top_q"]),
+    "ours_no_highlight/all": ("ours_no_highlight", VARIANTS["all"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DEVICE_CASES))
+def test_one_and_eight_devices_agree(case):
+    """The global-batch reductions (psum over the data axis) make 8 shards give 1 device's loss
+    and gradient (in mu and s) for every method and variant; top-q selects per image."""
+    method, overrides = DEVICE_CASES[case]
     mode = "sigmoid"
     mu, log_var, mask = _data(mode)
-    config = make_config(method=method)
+    config = make_config(method=method, **overrides)
     rng = jax.random.key(11)
-    outputs = {"logits": jnp.asarray(mu), "log_var": jnp.asarray(log_var)}
+    outputs = _outputs(config, mode, mu, log_var)
+    outputs.setdefault("log_var", jnp.asarray(log_var))  # unused by the methods without a head
 
     def per_device(outputs, mask):
         ids = parallel.example_ids(mask.shape[0])
@@ -437,15 +667,24 @@ def test_one_and_eight_devices_agree(method):
 
     mesh = parallel.create_mesh(8)
     spec = jax.sharding.PartitionSpec(parallel.AXIS)
-    sharded = jax.jit(
-        jax.shard_map(
-            per_device, mesh=mesh, in_specs=(spec, spec), out_specs=jax.sharding.PartitionSpec()
-        )
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(spec, spec), out_specs=jax.sharding.PartitionSpec()
     )
-    loss8, aux8 = sharded(outputs, jnp.asarray(mask))
-    loss1, aux1 = losses.compute_loss(
-        config, outputs, jnp.asarray(mask), rng, 3, mode, jnp.arange(B)
+    (loss8, aux8), grad8 = jax.jit(jax.value_and_grad(sharded, has_aux=True))(
+        outputs, jnp.asarray(mask)
+    )
+
+    def one_device(outputs, mask):
+        return losses.compute_loss(config, outputs, mask, rng, 3, mode, jnp.arange(B))
+
+    (loss1, aux1), grad1 = jax.jit(jax.value_and_grad(one_device, has_aux=True))(
+        outputs, jnp.asarray(mask)
     )
     np.testing.assert_allclose(loss8, loss1, rtol=2e-6)
     for k in aux1:
         np.testing.assert_allclose(aux8[k], aux1[k], rtol=2e-6, err_msg=k)
+    for k in grad1:
+        scale = float(np.max(np.abs(grad1[k])))
+        np.testing.assert_allclose(grad8[k], grad1[k], rtol=0, atol=1e-5 * scale + 1e-12, err_msg=k)
+    g = np.asarray(grad1["logits"])
+    assert np.any(g != 0)

@@ -103,3 +103,51 @@ def test_method_trains_without_nan_and_overfits(method, fixed_batch):
     dice_od = metrics.compute_dice(probs[..., 0] > 0.5, mask >= 1)
     dice_oc = metrics.compute_dice(probs[..., 1] > 0.5, mask >= 2)
     assert dice_od > 0.95 and dice_oc > 0.9, (method, dice_od, dice_oc)
+
+
+def test_mc_dropout_passes_do_not_touch_batch_stats(fixed_batch):
+    """The MC-dropout passes of `loss.uncertainty_source='mc_dropout'` run BatchNorm on the batch
+    but their statistics are discarded: the step's new batch_stats are those of the training
+    pass alone, i.e. those of the same step with U from the logit samples."""
+    common = {
+        "method": "ours",
+        "data.image_size": SIZE,
+        "model.widths": WIDTHS,
+        "model.conv_impl": "xla",
+        "model.dropout_rate": 0.2,
+        "loss.ramp_fraction": 0.0,
+    }
+    results = {}
+    for source in ("entropy", "mc_dropout"):
+        config = make_config(**common, **{"loss.uncertainty_source": source})
+        info = train.validate_config(config)
+        model = train.create_model(config, info)
+        state = _initial_state(config, info, model, jnp.asarray(fixed_batch["image"][:1]))
+        initial = jax.device_get(state.batch_stats)  # the step donates the state
+        mesh = parallel.create_mesh(1)
+        step = parallel.wrap_train_step(
+            functools.partial(train.train_step, config=config, label_mode=info.label_mode),
+            mesh,
+            "jit",
+        )
+        new, m = step(
+            parallel.replicate(state, mesh, "jit"),
+            parallel.shard_batch(fixed_batch, mesh, "jit"),
+            jax.random.key(0),
+        )
+        results[source] = (jax.device_get(new.batch_stats), jax.device_get(m))
+    (stats_e, m_e), (stats_mc, m_mc) = results["entropy"], results["mc_dropout"]
+    # U (and so the loss) came from other passes, the BatchNorm statistics did not.
+    assert float(m_mc["mean_u"]) != float(m_e["mean_u"])
+    assert float(m_mc["loss"]) != float(m_e["loss"])
+    for a, b, c in zip(
+        jax.tree.leaves(stats_mc), jax.tree.leaves(stats_e), jax.tree.leaves(initial), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(a, c)  # the training pass did update them
+    with pytest.raises(ValueError, match="needs model.dropout_rate > 0"):
+        train.validate_config(
+            make_config(
+                **{**common, "model.dropout_rate": 0.0, "loss.uncertainty_source": "mc_dropout"}
+            )
+        )

@@ -128,3 +128,25 @@ def test_dropout_is_deterministic_at_evaluation_and_random_for_mc_dropout():
     d = apply(variables, x, jax.random.key(2), True)["logits"]
     assert not np.allclose(c, d)
     np.testing.assert_array_equal(c, apply(variables, x, jax.random.key(1), True)["logits"])
+
+
+def test_example_dropout_masks_follow_the_global_example_index():
+    """With `example_ids` an example's dropout masks depend on its index and the key only, so a
+    device holding examples 4..7 draws what one device holding 0..7 draws for them."""
+    model = models.UNet(num_classes=2, widths=TEST_WIDTHS, dropout_rate=0.5)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 16, 16, 3)), jnp.float32)
+    variables = _params_numpy(model, x)
+    apply = jax.jit(
+        lambda v, x, ids: model.apply(
+            v, x, train=False, mc_dropout=True, rngs={"dropout": jax.random.key(3)}, example_ids=ids
+        )["logits"]
+    )
+    full = apply(variables, x, jnp.arange(8))
+    np.testing.assert_array_equal(apply(variables, x[4:], jnp.arange(4, 8)), full[4:])
+    # Masks do differ between examples (same input, different index) and from no dropout.
+    same = jnp.repeat(x[:1], 8, 0)
+    out = np.asarray(apply(variables, same, jnp.arange(8)))
+    assert not np.allclose(out[0], out[1])
+    m = models.example_dropout(jnp.ones((2, 64, 64, 4)), 0.25, jax.random.key(0), jnp.arange(2))
+    kept = np.asarray(m) > 0
+    assert abs(kept.mean() - 0.75) < 0.02 and np.allclose(np.asarray(m)[kept], 1 / 0.75)
