@@ -644,6 +644,22 @@ def test_bad_workdirs_and_names(tmp_path, shared_data):
         evaluate.evaluate_external(workdir, hospital, qc_score="vibes")
 
 
+def test_a_run_older_than_some_config_fields_is_read_with_their_defaults(tmp_path, capsys):
+    from configs import default
+    from puseg_jax import evaluate
+
+    workdir = _fake_workdir(tmp_path)
+    path = Path(workdir, "config.json")
+    saved = json.loads(path.read_text())
+    del saved["loss"]["highlight_terms"]  # a field added after the run was trained
+    saved["loss"]["alpha"] = 0.5  # and one the run set itself
+    path.write_text(json.dumps(saved))
+    config = evaluate.load_run_config(workdir)
+    assert config.loss.highlight_terms == default.get_config().loss.highlight_terms
+    assert config.loss.alpha == 0.5 and config.data.name == "fundus"
+    assert "taken at their defaults: loss.highlight_terms" in capsys.readouterr().out
+
+
 def test_wrong_nifti_pairs_leave_nothing(tmp_path):
     from puseg_jax import evaluate
 
