@@ -32,6 +32,13 @@ class DataError(ValueError):
     """An input file breaks the conventions of its release; the message names the file."""
 
 
+# The stored mask of an example built without labels (a test-only domain whose masks are not
+# known): every pixel holds this value, outside every class index of every builder, so that a
+# mask that is not there can never pass for "all background". Such a domain is for prediction
+# only (`python -m puseg_jax.evaluate`); nothing may score or train on it.
+UNLABELLED_MASK_VALUE = 255
+
+
 def segmentation_features(image_channels: int, native: bool = False) -> tfds.features.FeaturesDict:
     """The feature spec shared by every builder of the project.
 
@@ -157,6 +164,27 @@ def folder_pairs(
     if not pairs:
         raise DataError(f"No image/mask pairs in {image_dir} and {mask_dir}: empty {what}.")
     return pairs
+
+
+def folder_images(image_dir: Path, *, what: str) -> list[tuple[str, Path, None]]:
+    """The images of a folder without masks (an unlabelled split), sorted by stem.
+
+    Args:
+      image_dir: folder of images.
+      what: the split and domain named in the error.
+
+    Returns:
+      `(stem, image_path, None)` per image, in the shape of `folder_pairs`' output; never empty.
+    """
+    images = list_by_stem(image_dir)
+    if not images:
+        raise DataError(f"No images in {image_dir}: empty {what}.")
+    return [(k, images[k], None) for k in sorted(images)]
+
+
+def unlabelled_mask(shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 mask stored for an example without labels (`UNLABELLED_MASK_VALUE` everywhere)."""
+    return np.full(shape, UNLABELLED_MASK_VALUE, np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -266,15 +266,40 @@ def scored_case(
     """
     if resolution == "network":
         return pred["probs"][idx], pred["mask"][idx], case_spacing(pred, idx, info.volumetric)
+    probs = native_probs(pred, idx)
+    mask = np.stack([pred["native_mask"][i] for i in idx])
+    return probs, mask, case_spacing(pred, idx, info.volumetric, key="native_spacing")
+
+
+def native_probs(pred: dict[str, np.ndarray], idx: np.ndarray, key: str = "probs") -> np.ndarray:
+    """One case's probabilities (or, with key='uncertainty', its uncertainty map) resampled to
+    its native grid: [D, H, W, K] (or [D, H, W]), D = 1 for an image; what 'native' scoring
+    thresholds, and what `python -m puseg_jax.evaluate` writes back to the user's files.
+
+    Args:
+      pred: `predict_split`'s output ('native_shape' per example).
+      idx: the case's example indices (`group_cases`), slices in order.
+      key: 'probs' or 'uncertainty'.
+    """
     shapes = np.unique(pred["native_shape"][idx], axis=0)
     if len(shapes) != 1:
         raise ValueError(
             f"Slices of case {pred['case_id'][idx[0]]} have different native shapes "
             f"{shapes.tolist()}; they cannot be stacked into one volume"
         )
-    probs = np.stack([to_native(pred["probs"][i], shapes[0]) for i in idx])
-    mask = np.stack([pred["native_mask"][i] for i in idx])
-    return probs, mask, case_spacing(pred, idx, info.volumetric, key="native_spacing")
+    return np.stack([to_native(pred[key][i], shapes[0]) for i in idx])
+
+
+def check_labels(mask: np.ndarray, info: DatasetInfo, case_id: str) -> None:
+    """Refuses to score a ground truth with values beyond the family's classes: e.g. the 255 of
+    a domain built without labels (`data_builders.common.UNLABELLED_MASK_VALUE`), which must
+    never pass for a mask."""
+    top = int(mask.max()) if mask.size else 0
+    if top > len(info.structures):
+        raise ValueError(
+            f"Case {case_id}: ground truth holds class {top}, beyond the {len(info.structures)} "
+            f"structures of {info.builder}; a domain built without labels (255) cannot be scored"
+        )
 
 
 def slicewise_distances(info: DatasetInfo, unit: str, resolution: str) -> bool:
@@ -320,6 +345,7 @@ def score_cases(
     rows = []
     for case_id, idx in group_cases(pred, info.volumetric):
         probs, mask, spacing = scored_case(pred, idx, info, resolution)
+        check_labels(mask, info, case_id)
         gt = gt_structures(mask, info)
         if info.volumetric:
             pm = structure_masks(probs, info, config)  # [S, D, H, W]
@@ -680,11 +706,14 @@ def write_domain_reports(
     """Writes eval/<name>/{summary.json, per_case.csv, predictions.npz, panel_*.png} and the
     panels and uncertainty histogram to TensorBoard.
 
+    A domain without labels (`python -m puseg_jax.evaluate` on images without masks) has no
+    rows: it gets no per_case.csv, no label in predictions.npz and panels without ground truth.
+
     Args:
       workdir: the run's workdir.
       name: the evaluator.
       res: its `evaluate_domains` result.
-      rows: its `score_cases` rows.
+      rows: its `score_cases` rows; None for a domain without labels.
       pred: its `predict_split` output.
       info: the dataset family.
       config: the experiment config (eval.save_predictions, eval.num_panels).
@@ -694,14 +723,16 @@ def write_domain_reports(
     out = os.path.join(workdir, "eval", name)
     os.makedirs(out, exist_ok=True)
     _write_json(os.path.join(out, "summary.json"), res)
-    write_per_case(
-        os.path.join(out, "per_case.csv"), rows, info, res["distance_unit"], res["distance"]
-    )
+    if rows is not None:
+        write_per_case(
+            os.path.join(out, "per_case.csv"), rows, info, res["distance_unit"], res["distance"]
+        )
     if config.eval.save_predictions:
+        label = {} if rows is None else {"label": pred["mask"].astype(np.uint8)}
         save_npz(
             os.path.join(out, "predictions.npz"),
             image=pred["image"].astype(np.float16),
-            label=pred["mask"].astype(np.uint8),
+            **label,
             probability=pred["probs"].astype(np.float16),
             uncertainty=pred["uncertainty"].astype(np.float16),
             case_id=pred["case_id"].astype(str),
@@ -712,7 +743,7 @@ def write_domain_reports(
             # to (`to_native`) and redraw or rescore it against the released ground truth.
             native_shape=pred["native_shape"],
             native_spacing=pred["native_spacing"],
-            resolution=np.asarray(res["resolution"]),
+            resolution=np.asarray(res.get("resolution", scoring_resolution(config))),
         )
     write_panels(writer, step, name, res["role"], pred, rows, info, config, png_dir=out)
 
@@ -759,19 +790,21 @@ def draw_case(
     pred: dict[str, np.ndarray],
     case_id: str,
     idx: np.ndarray,
-    dice: dict[str, float],
+    dice: dict[str, float] | None,
     info: DatasetInfo,
     config,
     title: str,
 ) -> np.ndarray:
     """The panel of one case (for volumes the slice with the largest ground-truth area), with
-    the case's scored Dice in its header.
+    the case's scored Dice in its header; without labels (`dice` None) the panel has no ground
+    truth and error tiles, and shows the slice with the largest predicted area.
 
     Args:
       pred: predictions of a domain.
       case_id: the case.
       idx: its example indices in slice order (from `group_cases`).
-      dice: the case's Dice per structure (a `score_cases` row, or per_case.csv).
+      dice: the case's Dice per structure (a `score_cases` row, or per_case.csv); None for a
+        case without labels.
       info: the dataset family.
       config: the run's config.
       title: the header's first line (`panel_title`).
@@ -780,16 +813,18 @@ def draw_case(
       The drawn panel, RGB uint8 [H, W, 3].
     """
     arrays = case_arrays(pred, idx, info, config)
-    j = panels.representative_slice(arrays["gt"])
-    where = f", slice {j} of {arrays['gt'].shape[1]}" if info.volumetric else ""
+    labelled = dice is not None
+    j = panels.representative_slice(arrays["gt"] if labelled else arrays["pred"])
+    where = f", slice {j} of {arrays['pred'].shape[1]}" if info.volumetric else ""
+    scores = f"Dice {panels.dice_text(dice)}" if labelled else "no labels, not scored"
     return panels.draw_panel(
         arrays["image"][j],
-        arrays["gt"][:, j],
+        arrays["gt"][:, j] if labelled else None,
         arrays["pred"][:, j],
         arrays["uncertainty"][j],
         info.structures,
         title,
-        f"case {case_id}{where} · Dice {panels.dice_text(dice)}",
+        f"case {case_id}{where} · {scores}",
     )
 
 
@@ -811,17 +846,20 @@ def write_panels(
       writer: the TensorBoard writer.
       step: the step logged (in the panels' header too).
       name: the evaluator.
-      role: its role ('source_val' or 'target').
+      role: its role ('source_val', 'target', or 'external' for `python -m puseg_jax.evaluate`).
       pred: its `predict_split` output.
-      rows: its `score_cases` rows (the Dice in the headers).
+      rows: its `score_cases` rows (the Dice in the headers); None for a domain without labels
+        (panels without ground truth).
       info: the dataset family.
       config: the run's config (method, eval.num_panels, post-processing).
       png_dir: also write `panel_<i>_<case_id>.png` there.
     """
-    dice = {r["case_id"]: {s: r[s]["dice"] for s in info.structures} for r in rows}
+    dice = None
+    if rows is not None:
+        dice = {r["case_id"]: {s: r[s]["dice"] for s in info.structures} for r in rows}
     title = panel_title(config.method, name, role, step)
     drawn = [
-        (case_id, draw_case(pred, case_id, idx, dice[case_id], info, config, title))
+        (case_id, draw_case(pred, case_id, idx, dice and dice[case_id], info, config, title))
         for case_id, idx in group_cases(pred, info.volumetric)[: config.eval.num_panels]
     ]
     panels.write_tensorboard(writer, step, name, drawn, pred["uncertainty"], png_dir)

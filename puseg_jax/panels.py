@@ -26,6 +26,8 @@ FN_COLOUR = np.array([0.2, 0.6, 1.0])
 UNCERTAINTY_CMAP = "magma"
 # Column titles of a panel's tiles, in order.
 TILE_TITLES = ("image", "ground truth", "prediction", "uncertainty", "errors (FP red, FN blue)")
+# The tiles of a case without labels (nothing to compare the prediction with).
+UNLABELLED_TILE_TITLES = ("image", "prediction", "uncertainty")
 # Smallest side of a tile in a drawn panel; smaller images are enlarged by an integer factor
 # (nearest neighbour, so every network pixel stays a visible square).
 MIN_TILE_PX = 256
@@ -74,27 +76,34 @@ def error_map(rgb: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def panel_tiles(
-    image: np.ndarray, gt_structs: np.ndarray, pred_structs: np.ndarray, uncertainty: np.ndarray
+    image: np.ndarray,
+    gt_structs: np.ndarray | None,
+    pred_structs: np.ndarray,
+    uncertainty: np.ndarray,
 ) -> list[np.ndarray]:
-    """The five tiles of a panel, in the order of `TILE_TITLES`.
+    """The tiles of a panel, in the order of `TILE_TITLES` (five), or without ground truth of
+    `UNLABELLED_TILE_TITLES` (three).
 
     Args:
       image: normalised network input [H, W, C].
-      gt_structs: ground-truth structure masks [S, H, W] (bool).
+      gt_structs: ground-truth structure masks [S, H, W] (bool); None for a case without labels.
       pred_structs: predicted structure masks [S, H, W] (bool).
       uncertainty: [H, W] in [0, 1].
 
     Returns:
-      Five float32 RGB arrays [H, W, 3] in [0, 1].
+      Float32 RGB arrays [H, W, 3] in [0, 1].
     """
     rgb = to_rgb(image)
-    tiles = [
-        rgb,
-        overlay(rgb, gt_structs),
-        overlay(rgb, pred_structs),
-        heatmap(uncertainty),
-        error_map(rgb, pred_structs, gt_structs),
-    ]
+    if gt_structs is None:
+        tiles = [rgb, overlay(rgb, pred_structs), heatmap(uncertainty)]
+    else:
+        tiles = [
+            rgb,
+            overlay(rgb, gt_structs),
+            overlay(rgb, pred_structs),
+            heatmap(uncertainty),
+            error_map(rgb, pred_structs, gt_structs),
+        ]
     return [t.astype(np.float32) for t in tiles]
 
 
@@ -115,14 +124,16 @@ def dice_text(dice: dict[str, float], digits: int = 3) -> str:
 # Figure parts shared by the panel and the notebook's figures.
 
 
-def legend_handles(structures: Sequence[str]) -> list[Patch]:
-    """Legend entries of the overlays (one colour per structure) and of the error map."""
+def legend_handles(structures: Sequence[str], errors: bool = True) -> list[Patch]:
+    """Legend entries of the overlays (one colour per structure) and, with `errors`, of the
+    error map."""
     cols = STRUCTURE_COLOURS
     handles = [Patch(color=cols[s % len(cols)], label=n) for s, n in enumerate(structures)]
-    handles += [
-        Patch(color=FP_COLOUR, label="false positive"),
-        Patch(color=FN_COLOUR, label="false negative"),
-    ]
+    if errors:
+        handles += [
+            Patch(color=FP_COLOUR, label="false positive"),
+            Patch(color=FN_COLOUR, label="false negative"),
+        ]
     return handles
 
 
@@ -172,7 +183,7 @@ def display_scale(height: int, width: int, min_tile: int = MIN_TILE_PX) -> int:
 
 def panel_figure(
     image: np.ndarray,
-    gt_structs: np.ndarray,
+    gt_structs: np.ndarray | None,
     pred_structs: np.ndarray,
     uncertainty: np.ndarray,
     structures: Sequence[str],
@@ -180,9 +191,10 @@ def panel_figure(
     subtitle: str = "",
     min_tile: int = MIN_TILE_PX,
 ) -> Figure:
-    """One case as a titled figure: image | ground truth | prediction | uncertainty | errors,
-    each tile at least `min_tile` pixels (nearest-neighbour enlargement, one image pixel a
-    square of pixels), with the overlays' legend and the uncertainty colour bar.
+    """One case as a titled figure: image | ground truth | prediction | uncertainty | errors
+    (without ground truth: image | prediction | uncertainty), each tile at least `min_tile`
+    pixels (nearest-neighbour enlargement, one image pixel a square of pixels), with the
+    overlays' legend and the uncertainty colour bar.
 
     The pixels (tiles, colour bar) are composed in numpy and placed unresampled with
     `figimage`; matplotlib only sets the text. Axes would cost ten times more to draw (their
@@ -191,7 +203,8 @@ def panel_figure(
 
     Args:
       image: normalised network input [H, W, C].
-      gt_structs: ground-truth structure masks [S, H, W] (bool).
+      gt_structs: ground-truth structure masks [S, H, W] (bool); None for a case without
+        labels.
       pred_structs: predicted structure masks [S, H, W] (bool).
       uncertainty: [H, W] in [0, 1].
       structures: the structures' names, in mask order (legend).
@@ -203,6 +216,7 @@ def panel_figure(
       The figure, sized in pixels at `DPI` (render it with `render`).
     """
     tiles = panel_tiles(image, gt_structs, pred_structs, uncertainty)
+    titles = TILE_TITLES if gt_structs is not None else UNLABELLED_TILE_TITLES
     h, w = tiles[0].shape[:2]
     k = display_scale(h, w, min_tile)
     th, tw = h * k, w * k
@@ -216,7 +230,7 @@ def panel_figure(
     def text(x, y, s, **kw):  # pixels from the top-left
         fig.text(x / width, 1 - y / height, s, **kw)
 
-    for i, (tile, name) in enumerate(zip(tiles, TILE_TITLES, strict=True)):
+    for i, (tile, name) in enumerate(zip(tiles, titles, strict=True)):
         x = _MARGIN + i * (tw + _GAP)
         canvas[top : top + th, x : x + tw] = np.repeat(np.repeat(tile, k, axis=0), k, axis=1)
         text(x + tw / 2, top - 5, name, fontsize=10, ha="center", va="bottom")
@@ -237,7 +251,7 @@ def panel_figure(
     if subtitle:
         text(_MARGIN, 30, subtitle, fontsize=10, va="top")
     fig.legend(
-        handles=legend_handles(structures),
+        handles=legend_handles(structures, errors=gt_structs is not None),
         loc="center",
         bbox_to_anchor=((_MARGIN + (n * (tw + _GAP) - _GAP) / 2) / width, (_LEGEND / 2) / height),
         ncol=len(structures) + 2,
@@ -270,7 +284,7 @@ def render(fig: Figure) -> np.ndarray:
 
 def draw_panel(
     image: np.ndarray,
-    gt_structs: np.ndarray,
+    gt_structs: np.ndarray | None,
     pred_structs: np.ndarray,
     uncertainty: np.ndarray,
     structures: Sequence[str],

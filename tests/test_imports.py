@@ -26,8 +26,9 @@ LAYERS = {
     "losses": 1,
     "parallel": 1,
     "checkpointing": 1,
-    # Evaluation: predict, score, report (uses the drawing leaf).
+    # Evaluation: predict, score, report (uses the drawing leaf); per-case quality control.
     "evaluation": 2,
+    "quality": 2,
     # The training loop and its steps.
     "train": 3,
     # Reading finished runs: tables, the notebook's helpers.
@@ -37,6 +38,7 @@ LAYERS = {
     "main": 5,
     "visualize": 5,
     "experiments": 5,
+    "evaluate": 5,
 }
 
 

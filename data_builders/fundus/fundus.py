@@ -54,6 +54,10 @@ MASK_CONVENTION = "255 background, 128 disc rim, 0 cup"
 DEFAULT_CENTER_CROP = 512
 
 
+# Folder layouts of a domain: DoFE's, or one image/mask pair of folders (a single split).
+LAYOUTS = ("dofe", "flat")
+
+
 @dataclasses.dataclass(eq=False)
 class FundusConfig(tfds.core.BuilderConfig):
     """One fundus domain.
@@ -64,6 +68,11 @@ class FundusConfig(tfds.core.BuilderConfig):
         `[144:656, 144:656]` at 512); images already of that size are stored as they are, smaller
         ones are an error. None keeps images whole.
       splits: the split folders to read; every one must exist and hold at least one pair.
+        `("test",)` alone makes a test-only domain (a hospital the model never trained on).
+      layout: "dofe" (`<folder>/<split>/ROIs/{image,mask}`) or "flat" (`<folder>/{image,mask}`,
+        a single split, named by `splits`).
+      labels: False builds images without masks (a domain to predict, never to score): only the
+        `image` folders are read, and every stored mask holds `common.UNLABELLED_MASK_VALUE`.
       store_size: if set, images are stored resized (bilinear, antialiased) to this square size
         after cropping; masks stay at the released ROI's size, the grid evaluation scores on
         (`eval.resolution='native'`), and `spacing` stays that of one released pixel. The input
@@ -77,10 +86,29 @@ class FundusConfig(tfds.core.BuilderConfig):
     center_crop: int | None = DEFAULT_CENTER_CROP
     splits: tuple[str, ...] = ("train", "test")
     store_size: int | None = None
+    layout: str = "dofe"
+    labels: bool = True
 
     @property
     def domain_folder(self) -> str:
         return self.folder or self.name
+
+    def split_dirs(self, root: Path, split: str) -> tuple[Path, Path | None]:
+        """(image folder, mask folder or None without labels) of one split under `root`."""
+        base = root if self.layout == "flat" else root / split / "ROIs"
+        return base / "image", (base / "mask" if self.labels else None)
+
+    def check(self) -> None:
+        """Raises `ValueError` for fields that contradict each other."""
+        common.check_config_name(self.name)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"Config {self.name}: layout must be one of {LAYOUTS}")
+        if not self.splits:
+            raise ValueError(f"Config {self.name}: splits is empty")
+        if self.layout == "flat" and len(self.splits) != 1:
+            raise ValueError(
+                f"Config {self.name}: the flat layout holds one split, got splits={self.splits}"
+            )
 
 
 DOMAIN_SOURCES = {
@@ -133,31 +161,37 @@ class Fundus(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         config = self.builder_config
-        common.check_config_name(config.name)
+        config.check()
         root = Path(dl_manager.manual_dir) / config.domain_folder
-        folders = [root / s / "ROIs" / kind for s in config.splits for kind in ("image", "mask")]
+        folders = [d for s in config.splits for d in config.split_dirs(root, s) if d is not None]
         common.require_dirs(folders, _INSTRUCTIONS)
         splits = {}
         for split in config.splits:
-            image_dir, mask_dir = root / split / "ROIs" / "image", root / split / "ROIs" / "mask"
-            pairs = common.folder_pairs(
-                image_dir,
-                mask_dir,
-                skip_unpaired=self._skip_unpaired,
-                what=f"{split} split of domain {config.name}",
-            )
+            image_dir, mask_dir = config.split_dirs(root, split)
+            what = f"{split} split of domain {config.name}"
+            if mask_dir is None:
+                pairs = common.folder_images(image_dir, what=what)
+            else:
+                pairs = common.folder_pairs(
+                    image_dir, mask_dir, skip_unpaired=self._skip_unpaired, what=what
+                )
             splits[split] = self._generate_examples(pairs)
         return splits
 
     def _generate_examples(
-        self, pairs: list[tuple[str, Path, Path]]
+        self, pairs: list[tuple[str, Path, Path | None]]
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         crop = self.builder_config.center_crop
         for name, image_path, mask_path in pairs:
             image = common.read_image(image_path, channels=3)
-            stored = common.read_grey(mask_path)
-            common.check_same_size(image.array, stored, image_path, mask_path)
-            mask = common.map_mask_values(stored, MASK_VALUE_TO_CLASS, mask_path, MASK_CONVENTION)
+            if mask_path is None:
+                mask = common.unlabelled_mask(image.array.shape[:2])
+            else:
+                stored = common.read_grey(mask_path)
+                common.check_same_size(image.array, stored, image_path, mask_path)
+                mask = common.map_mask_values(
+                    stored, MASK_VALUE_TO_CLASS, mask_path, MASK_CONVENTION
+                )
             array, image_bytes = image.array, image.png_bytes
             if crop is not None and array.shape[:2] != (crop, crop):
                 window = center_crop_window(array.shape[:2], crop, image_path)
@@ -208,6 +242,8 @@ def fundus_builder(
     splits: tuple[str, ...] = ("train", "test"),
     skip_unpaired: bool = False,
     name: str | None = None,
+    layout: str = "dofe",
+    labels: bool = True,
 ) -> Fundus:
     """Returns the fundus builder of one domain folder, registered or not.
 
@@ -226,6 +262,8 @@ def fundus_builder(
       skip_unpaired: skip unpaired images/masks with a warning instead of failing.
       name: config name (the dataset folder under `data_dir/fundus/`); defaults to `domain`. A
         registered domain read with non-default options needs a new name, e.g. `Domain1_full`.
+      layout: "dofe" or "flat" (`<domain>/{image,mask}`, one split), see `FundusConfig`.
+      labels: False for images without masks (a domain to predict only), see `FundusConfig`.
 
     Returns:
       A `Fundus` builder.
@@ -237,12 +275,14 @@ def fundus_builder(
         and registered.domain_folder == domain
         and registered.center_crop == center_crop
         and tuple(registered.splits) == tuple(splits)
+        and (registered.layout, registered.labels) == (layout, labels)
     ):
         config: str | FundusConfig = name
     elif registered is not None:
         raise ValueError(
             f"{name!r} is a registered config with center_crop={registered.center_crop}, "
-            f"splits={registered.splits}; pass name= a new config name for other options."
+            f"splits={registered.splits}, layout={registered.layout!r}, "
+            f"labels={registered.labels}; pass name= a new config name for other options."
         )
     else:
         config = FundusConfig(
@@ -250,6 +290,10 @@ def fundus_builder(
             folder=domain,
             center_crop=center_crop,
             splits=tuple(splits),
-            description=f"Fundus domain from folder {domain!r}, center_crop={center_crop}.",
+            layout=layout,
+            labels=labels,
+            description=f"Fundus domain from folder {domain!r}, center_crop={center_crop}, "
+            f"layout={layout}, labels={labels}.",
         )
+        config.check()
     return Fundus(data_dir=data_dir, config=config, skip_unpaired=skip_unpaired)

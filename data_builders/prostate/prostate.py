@@ -112,11 +112,30 @@ class ProstateConfig(tfds.core.BuilderConfig):
       layout: "nifti" (SAML volumes, split 80/20 by patient into train/validation) or "slices"
         (ProstateSlice PNGs, train/test as released).
       size: in-plane side of the stored slices of the nifti layout.
+      splits: None for the layout's splits (above); one split name, e.g. `("test",)`, for a
+        test-only site (a hospital the model never trained on): nifti puts every case in it,
+        slices reads only that folder.
+      labels: False builds volumes (nifti: every `<case>.nii[.gz]`, any label file ignored) or
+        slices (the `image` folders) without masks, a site to predict and never to score: every
+        stored mask holds `common.UNLABELLED_MASK_VALUE`.
     """
 
     site: str = ""
     layout: str = "nifti"
     size: int = DEFAULT_SIZE
+    splits: tuple[str, ...] | None = None
+    labels: bool = True
+
+    def check(self) -> None:
+        """Raises `ValueError` for fields that contradict each other."""
+        common.check_config_name(self.name)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"Config {self.name}: layout must be one of {LAYOUTS}")
+        if self.splits is not None and len(self.splits) != 1:
+            raise ValueError(
+                f"Config {self.name}: splits must be None (the layout's own) or one split name, "
+                f"got {self.splits}"
+            )
 
 
 def _registered_configs() -> list[ProstateConfig]:
@@ -206,16 +225,14 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         config = self.builder_config
-        common.check_config_name(config.name)
-        if config.layout not in LAYOUTS:
-            raise ValueError(f"Config {config.name}: layout must be one of {LAYOUTS}")
+        config.check()
         root = Path(dl_manager.manual_dir) / config.site
         if config.layout == "nifti":
             return self._nifti_splits(root)
         return self._slice_splits(root)
 
     def _generate_examples(
-        self, pairs: list[tuple[str, Path, Path]]
+        self, pairs: list[tuple[str, Path, Path | None]]
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         if self.builder_config.layout == "nifti":
             yield from self._nifti_examples(pairs)
@@ -226,28 +243,25 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
 
     def _nifti_splits(self, root: Path) -> dict[str, Iterator]:
         common.require_dirs([root], _INSTRUCTIONS)
-        images, labels = {}, {}
-        for path in sorted(root.iterdir()):
-            if path.name.startswith(".") or not path.is_file():
-                continue
-            if match := _NIFTI_LABEL.match(path.name):
-                target = labels
-            elif match := _NIFTI_IMAGE.match(path.name):
-                target = images
-            else:
-                continue
-            case = match["case"]
-            if case in target:
-                raise common.DataError(f"Two files for case {case}: {target[case]} and {path}")
-            target[case] = path
-        pairs = common.pair_files(
-            images, labels, skip_unpaired=self._skip_unpaired, where=str(root)
-        )
-        if not pairs:
-            raise common.DataError(
-                f"No <case>.nii.gz / <case>_segmentation.nii.gz pairs in {root}: empty site "
-                f"{self.builder_config.site}."
+        config = self.builder_config
+        images, labels = list_nifti_files(root)
+        if not config.labels:
+            pairs = [(case, images[case], None) for case in sorted(images)]
+            if not pairs:
+                raise common.DataError(
+                    f"No <case>.nii.gz volumes in {root}: empty site {config.site}."
+                )
+        else:
+            pairs = common.pair_files(
+                images, labels, skip_unpaired=self._skip_unpaired, where=str(root)
             )
+            if not pairs:
+                raise common.DataError(
+                    f"No <case>.nii.gz / <case>_segmentation.nii.gz pairs in {root}: empty site "
+                    f"{config.site}."
+                )
+        if config.splits is not None:  # a test-only site: every case in its one split
+            return {config.splits[0]: self._generate_examples(pairs)}
         by_case = {case: (case, image, label) for case, image, label in pairs}
         train, validation = split_cases(list(by_case))
         splits = {"train": self._generate_examples([by_case[c] for c in train])}
@@ -258,12 +272,16 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
         return splits
 
     def _nifti_examples(
-        self, pairs: list[tuple[str, Path, Path]]
+        self, pairs: list[tuple[str, Path, Path | None]]
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         size = self.builder_config.size
         for case, image_path, label_path in pairs:
-            volume, labels, zooms = load_nifti_pair(image_path, label_path)
-            labels = binarize_labels(labels, label_path, merge_labels=self._merge_labels)
+            if label_path is None:
+                volume, zooms = load_nifti_image(image_path)
+                labels = None
+            else:
+                volume, labels, zooms = load_nifti_pair(image_path, label_path)
+                labels = binarize_labels(labels, label_path, merge_labels=self._merge_labels)
             scaled = normalize_intensity(volume)
             rows, cols, num_slices = volume.shape
             spacing = np.array(
@@ -272,8 +290,12 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
             native_spacing = np.asarray(zooms, dtype=np.float32)
             for k in range(num_slices):
                 image = resize_slice(scaled[:, :, k], size, Image.Resampling.BILINEAR)
-                mask = resize_slice(labels[:, :, k], size, Image.Resampling.NEAREST)
-                native_mask = labels[:, :, k].astype(np.uint8)
+                if labels is None:
+                    mask = common.unlabelled_mask((size, size))
+                    native_mask = common.unlabelled_mask((rows, cols))
+                else:
+                    mask = resize_slice(labels[:, :, k], size, Image.Resampling.NEAREST)
+                    native_mask = labels[:, :, k].astype(np.uint8)
                 yield (
                     common.example_key(case, k),
                     {
@@ -294,17 +316,20 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
     # ---------------------------------------------------------------- slice layout (PNG)
 
     def _slice_splits(self, root: Path) -> dict[str, Iterator]:
-        folders = [root / s / kind for s in ("train", "test") for kind in ("image", "mask")]
-        common.require_dirs(folders, _INSTRUCTIONS)
+        config = self.builder_config
+        names = config.splits or ("train", "test")
+        kinds = ("image", "mask") if config.labels else ("image",)
+        common.require_dirs([root / s / kind for s in names for kind in kinds], _INSTRUCTIONS)
         splits = {}
-        for split in ("train", "test"):
+        for split in names:
             image_dir, mask_dir = root / split / "image", root / split / "mask"
-            pairs = common.folder_pairs(
-                image_dir,
-                mask_dir,
-                skip_unpaired=self._skip_unpaired,
-                what=f"{split} split of site {self.builder_config.site}",
-            )
+            what = f"{split} split of site {config.site}"
+            if not config.labels:
+                pairs = common.folder_images(image_dir, what=what)
+            else:
+                pairs = common.folder_pairs(
+                    image_dir, mask_dir, skip_unpaired=self._skip_unpaired, what=what
+                )
             splits[split] = self._generate_examples(pairs)
         return splits
 
@@ -327,11 +352,14 @@ class Prostate(tfds.core.GeneratorBasedBuilder):
         gland_pixels = total_pixels = 0
         for (case, index), image_path, mask_path in parsed:
             image = common.read_image(image_path, channels=1)
-            stored = common.read_grey(mask_path)
-            common.check_same_size(image.array, stored, image_path, mask_path)
-            mask = common.map_mask_values(stored, value_to_class, mask_path, convention)
-            gland_pixels += int(mask.sum())
-            total_pixels += mask.size
+            if mask_path is None:
+                mask = common.unlabelled_mask(image.array.shape[:2])
+            else:
+                stored = common.read_grey(mask_path)
+                common.check_same_size(image.array, stored, image_path, mask_path)
+                mask = common.map_mask_values(stored, value_to_class, mask_path, convention)
+                gland_pixels += int(mask.sum())
+                total_pixels += mask.size
             yield (
                 common.example_key(case, index),
                 {
@@ -375,6 +403,43 @@ def split_cases(case_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         validation = ordered[-1:]
     train = [c for c in ordered if c not in set(validation)]
     return train, validation
+
+
+def list_nifti_files(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The volumes of a site folder by case, SAML naming (not recursive, hidden files ignored).
+
+    Returns:
+      ({case: `<case>.nii[.gz]`}, {case: `<case>_segmentation.nii[.gz]`}); two files of one
+      case and kind (`a.nii` and `a.nii.gz`) raise `DataError`.
+    """
+    images: dict[str, Path] = {}
+    labels: dict[str, Path] = {}
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if match := _NIFTI_LABEL.match(path.name):
+            target = labels
+        elif match := _NIFTI_IMAGE.match(path.name):
+            target = images
+        else:
+            continue
+        case = match["case"]
+        if case in target:
+            raise common.DataError(f"Two files for case {case}: {target[case]} and {path}")
+        target[case] = path
+    return images, labels
+
+
+def load_nifti_image(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """An image volume alone, in the orientation of `load_nifti_pair`.
+
+    Returns:
+      (image float32 of shape (rows, cols, slices), (row, col, slice) voxel size in mm).
+    """
+    image = nib.as_closest_canonical(_load_nifti(path))
+    volume = _read_voxels(image, path, np.float32)
+    zx, zy, zz = (float(z) for z in image.header.get_zooms()[:3])
+    return _to_display(volume), (zy, zx, zz)
 
 
 def load_nifti_pair(
@@ -533,6 +598,8 @@ def prostate_builder(
     merge_labels: bool = False,
     slice_foreground_value: int = SLICE_FOREGROUND_VALUE,
     name: str | None = None,
+    splits: tuple[str, ...] | None = None,
+    labels: bool = True,
 ) -> Prostate:
     """Returns the prostate builder of one site folder, registered or not.
 
@@ -553,6 +620,9 @@ def prostate_builder(
       slice_foreground_value: slices only, the PNG mask value of the prostate (0 in the
         ProstateSlice release; 255 for masks drawn white-on-black).
       name: config name (the dataset folder under `data_dir/prostate/`).
+      splits: None for the layout's splits, or one split, e.g. `("test",)` for a test-only site;
+        see `ProstateConfig`.
+      labels: False for volumes or slices without masks (a site to predict only).
 
     Returns:
       A `Prostate` builder.
@@ -562,16 +632,24 @@ def prostate_builder(
     name = name or (site if layout == "nifti" else f"{site}_slices")
     registered = Prostate.builder_configs.get(name)
     if registered is not None:
-        if (registered.site, registered.layout) != (site, layout):
+        wanted = (site, layout, splits, labels)
+        if (registered.site, registered.layout, registered.splits, registered.labels) != wanted:
             raise ValueError(
                 f"{name!r} is the registered config of site {registered.site}, layout "
-                f"{registered.layout}; pass name= a new config name."
+                f"{registered.layout}, splits {registered.splits}, labels {registered.labels}; "
+                "pass name= a new config name."
             )
         config: str | ProstateConfig = name
     else:
         config = ProstateConfig(
-            name=name, site=site, layout=layout, description=f"Prostate site folder {site!r}."
+            name=name,
+            site=site,
+            layout=layout,
+            splits=None if splits is None else tuple(splits),
+            labels=labels,
+            description=f"Prostate site folder {site!r}.",
         )
+        config.check()
     return Prostate(
         data_dir=data_dir,
         config=config,
