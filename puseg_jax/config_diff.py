@@ -11,8 +11,12 @@ evaluation batches are padded without changing any prediction, and the data fold
 addresses of the same bytes.
 """
 
+import importlib.util
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "default.py"
 
 # Dotted names; a name ending in '.' covers every field under that group.
 INCIDENTAL_FIELDS = (
@@ -75,3 +79,38 @@ def changed_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
 def computational_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """`changed_fields` without the incidental ones: the changes that would mix two runs."""
     return [c for c in changed_fields(saved, current) if not is_incidental(c.split(":", 1)[0])]
+
+
+def default_config() -> dict[str, Any]:
+    """`configs/default.py` of the checkout, as a dict ({} where the package runs without it)."""
+    if not DEFAULT_CONFIG_FILE.is_file():
+        return {}
+    spec = importlib.util.spec_from_file_location("_puseg_default_config", DEFAULT_CONFIG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().to_dict()
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `over`'s values in place of its own, key by key down the nested dicts."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def with_defaults(saved: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A saved config (JSON) completed with today's defaults for fields it predates.
+
+    Fields are added with the behaviour of the code before them as their default, so a run
+    saved before a field existed computed what that default computes.
+
+    Returns:
+      (the completed config, the dotted names of the fields taken from the defaults).
+    """
+    defaults = default_config()
+    added = sorted(set(flatten(defaults)) - set(flatten(saved)))
+    return _deep_merge(defaults, saved), added

@@ -45,7 +45,6 @@ import argparse
 import csv
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging as pylogging
 import math
@@ -78,7 +77,6 @@ from puseg_jax import (
     evaluation,
     logging_utils,
     parallel,
-    prepare,
     quality,
     train,
 )
@@ -354,8 +352,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         )
     with open(path) as f:
         saved = json.load(f)
-    defaults = default_config()
-    added = sorted(set(config_diff.flatten(defaults)) - set(config_diff.flatten(saved)))
+    completed, added = config_diff.with_defaults(saved)
     if added:
         # A run trained before these fields existed: the code then behaved as their defaults
         # say (fields are added with the old behaviour as default), and a model field that did
@@ -365,31 +362,9 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
             + ", ".join(added),
             flush=True,
         )
-    config = ml_collections.ConfigDict(_deep_merge(defaults, saved))
+    config = ml_collections.ConfigDict(completed)
     folder_builder(config.data.name)
     return config
-
-
-def default_config() -> dict[str, Any]:
-    """`configs/default.py` of the checkout, as a dict ({} where the package runs without it)."""
-    path = prepare.REPO_ROOT / "configs" / "default.py"
-    if not path.is_file():
-        return {}
-    spec = importlib.util.spec_from_file_location("_puseg_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config().to_dict()
-
-
-def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """`base` with `over`'s values in place of its own, key by key down the nested dicts."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def reported_checkpoint(workdir: str) -> tuple[str, int, str]:

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from puseg_jax import evaluation, metrics, panels
+from puseg_jax import config_diff, evaluation, metrics, panels
 from puseg_jax.datasets import DatasetInfo, get_dataset_info
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             "workdirs/demo/erm and workdirs/demo/ours)"
         )
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        # A run older than some config fields gets them at their defaults (its behaviour then).
+        return ml_collections.ConfigDict(config_diff.with_defaults(json.load(f))[0])
 
 
 def _evaluator_names(config: ml_collections.ConfigDict) -> list[str]:

@@ -404,6 +404,8 @@ def check_resume_config(saved: dict, current: dict, allow_change: bool) -> list[
       ValueError: a field that changes the computation differs and `allow_change` is False:
         resuming would silently mix two experiments in one workdir.
     """
+    # A checkpoint written before a field existed computed what its default computes.
+    saved, _ = config_diff.with_defaults(saved)
     changes = config_diff.changed_fields(saved, current)
     computational = config_diff.computational_changes(saved, current)
     if computational and not allow_change:

@@ -94,6 +94,15 @@ def test_resume_check_ignores_incidental_fields_and_can_be_overridden():
     with pytest.raises(ValueError, match=r"model.widths: \[4, 8, 16\] -> \[4, 8\]"):
         train.check_resume_config(saved, current, allow_change=False)
     assert len(train.check_resume_config(saved, current, allow_change=True)) == 4
+    # A checkpoint older than a field computed what the field's default computes: the field
+    # is taken at its default (configs/default.py), and only a non-default value is a change.
+    older = json.loads(test_config().to_json_best_effort())
+    del older["loss"]["highlight_terms"]
+    fresh = json.loads(test_config().to_json_best_effort())
+    assert train.check_resume_config(older, fresh, allow_change=False) == []
+    fresh["loss"]["highlight_terms"] = "ce+unc"
+    with pytest.raises(ValueError, match=r"loss.highlight_terms: 'ce' -> 'ce\+unc'"):
+        train.check_resume_config(older, fresh, allow_change=False)
     # A field that only one side has counts as a change.
     del current["model"]["widths"]
     assert config_diff.computational_changes(saved, current) == [
