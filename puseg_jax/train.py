@@ -14,8 +14,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -94,6 +96,13 @@ def validate_config(config: ml_collections.ConfigDict) -> DatasetInfo:
         raise ValueError(f"Unknown nan_policy {config.nan_policy!r}")
     if config.eval.uncertainty == "mc_dropout" and config.model.dropout_rate <= 0:
         raise ValueError("eval.uncertainty='mc_dropout' needs model.dropout_rate > 0")
+    k = config.steps_per_call
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"steps_per_call={k!r} must be an integer >= 1")
+    for name in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+        # Logging, checkpoints and evaluations happen between compiled calls only.
+        if config[name] % k:
+            raise ValueError(f"{name}={config[name]} is not a multiple of steps_per_call={k}")
     return info
 
 
@@ -113,6 +122,7 @@ def create_model(config: ml_collections.ConfigDict, info: DatasetInfo) -> models
         bn_axis_name=parallel.AXIS,
         conv_impl=conv_ops.resolve_impl(config.model.conv_impl),
         dtype=jnp.dtype(config.model.dtype),
+        remat=config.model.remat,
     )
 
 
@@ -292,6 +302,35 @@ def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def use_compile_cache(cache_dir: str) -> None:
+    """Turns on JAX's persistent compilation cache in `cache_dir` ('' leaves JAX's setting, e.g.
+    $JAX_COMPILATION_CACHE_DIR): a second run of the same program loads its compiled steps
+    instead of compiling them.
+
+    Args:
+      cache_dir: the cache directory (created if missing), or ''.
+    """
+    if not cache_dir or jax.config.jax_compilation_cache_dir == cache_dir:
+        return
+    os.makedirs(cache_dir, exist_ok=True)
+    compilation_cache.set_cache_dir(cache_dir)
+    # JAX decides once per process whether the cache is used, at the first compilation: make it
+    # decide again, so that the setting also holds in a process that compiled before (a notebook).
+    compilation_cache.reset_cache()
+
+
+def _fetch(pending: list) -> list:
+    """[(first step, device metrics, steps or None)] -> [(step, host metrics)], one per step."""
+    out = []
+    for first, metrics, steps in pending:
+        metrics = jax.device_get(metrics)
+        if steps is None:
+            out.append((first, metrics))
+        else:
+            out += [(first + i, jax.tree.map(lambda v, i=i: v[i], metrics)) for i in range(steps)]
+    return out
+
+
 def _check_finite(pending: list, nan_policy: str, counters: dict) -> None:
     """Host check of the in-step finiteness flags of the steps since the last check."""
     for step, m in pending:
@@ -327,6 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     # ---- setup ----------------------------------------------------------------------------------
     info = validate_config(config)
+    use_compile_cache(config.compile_cache_dir)
     parallel.maybe_initialize_distributed(config)
     parallel.check_strategy(config.parallel.strategy)
     mesh = parallel.create_mesh(config.parallel.num_devices)
@@ -379,9 +419,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_iter.set_state(data_state)
 
     # ---- compile ----------------------------------------------------------------------------
-    p_train_step = parallel.wrap_train_step(
-        functools.partial(train_step, config=config, label_mode=info.label_mode), mesh, strategy
-    )
+    step_fn = functools.partial(train_step, config=config, label_mode=info.label_mode)
+    p_train_step = parallel.wrap_train_step(step_fn, mesh, strategy)
+    steps_per_call = config.steps_per_call
+    # Compiled (on first use) only for calls of steps_per_call steps; a resume at a step that
+    # is not a multiple of it runs single steps up to the next multiple.
+    p_train_steps = parallel.wrap_train_step(step_fn, mesh, strategy, steps_per_call)
     p_eval_step = parallel.wrap_eval_step(
         functools.partial(eval_step, config=config, label_mode=info.label_mode), mesh, strategy
     )
@@ -426,16 +469,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         flush=True,
     )
     try:
-        for step in range(start_step + 1, num_steps + 1):
-            batch = next(train_iter)
-            batch = parallel.shard_batch(
-                {"image": batch["image"], "mask": batch["mask"]}, mesh, strategy
-            )
-            state, metrics = p_train_step(state, batch, train_rng)
-            pending.append((step, metrics))
+        step = start_step
+        while step < num_steps:
+            calls = steps_per_call
+            if calls > 1 and (step % calls or step + calls > num_steps):
+                calls = 1
+            if calls == 1:
+                batch = next(train_iter)
+                batch = parallel.shard_batch(
+                    {"image": batch["image"], "mask": batch["mask"]}, mesh, strategy
+                )
+                state, metrics = p_train_step(state, batch, train_rng)
+                pending.append((step + 1, metrics, None))
+            else:
+                batches = [next(train_iter) for _ in range(calls)]
+                stacked = {k: np.stack([b[k] for b in batches]) for k in ("image", "mask")}
+                batch = parallel.shard_batch(stacked, mesh, strategy, stacked=True)
+                state, metrics = p_train_steps(state, batch, train_rng)
+                pending.append((step + 1, metrics, calls))
+            step += calls
 
             if step % config.log_every_steps == 0 or step == num_steps:
-                pending = [(s, jax.device_get(m)) for s, m in pending]
+                pending = _fetch(pending)
                 last = pending[-1][1]
                 _check_finite(pending, config.nan_policy, counters)
                 now = time.time()
@@ -455,7 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # Every process takes the same decision at the same step (a collective when several).
             stop = parallel.any_across_processes(preemption.requested)
             if stop or step % config.checkpoint_every_steps == 0 or step == num_steps:
-                pending = [(s, jax.device_get(m)) for s, m in pending]
+                pending = _fetch(pending)
                 # Before saving: a checkpoint is only written after finite steps.
                 _check_finite(pending, config.nan_policy, counters)
                 save(step)
