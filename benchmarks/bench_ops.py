@@ -12,9 +12,9 @@ them in turn, round after round (order reversed every other round), for one timi
 
 JAX variants (`--variants`, several allowed, each its own worker):
   xla        XLA's convolution, its own autodiff gradients (plain Flax)
-  fast       conv_ops 'fast' as it stands at start-up (`conv_ops.resolve_impl('fast')`'s choices)
+  fast       conv_ops 'fast' with this CPU's plan (`conv_ops.cpu_plan()`) and its compiler options
+  fast@PLAN  'fast' with the plan forced: im2col | eigen (conv_ops.CPU_PLANS)
   NAME+OPT   any variant plus XLA compiler options, e.g. `fast+xla_cpu_use_onednn=true`
-  NAME@CONV  NAME with conv_ops's 3x3 implementation forced to CONV (see conv_ops.CONV3X3_KINDS)
 
   python benchmarks/bench_ops.py --shape fundus --variants fast --rounds 3
 """
@@ -49,7 +49,7 @@ def unet_ops(shape: str) -> list[dict]:
     h, cin = height, in_ch
     for i, c in enumerate(widths):
         if i > 0:
-            add("pool", n=batch, h=2 * h, c=cin)
+            add("pool", n=batch, h=h, c=cin)  # the pool's input
             h //= 2
         add("conv", n=batch, h=h, cin=cin, cout=c, first=i == 0)
         add("conv", n=batch, h=h, cin=c, cout=c, first=False)
@@ -91,13 +91,13 @@ def jax_ops(variant: str):
     from puseg_jax import conv_ops
 
     name, *opts = variant.split("+")
-    base, _, conv_kind = name.partition("@")
-    options = {}
+    base, _, plan = name.partition("@")
+    if plan:
+        conv_ops.set_cpu_plan(plan)
+    options = dict(conv_ops.compiler_options(base) or {})
     for o in opts:
-        k, v = o.split("=")
+        k, v = o.split("=", 1)
         options[k] = {"true": True, "false": False}.get(v, v)
-    if conv_kind:
-        conv_ops.set_conv3x3_kind(conv_kind)
 
     def jit(f):
         return jax.jit(f, compiler_options=options or None)

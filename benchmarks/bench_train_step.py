@@ -95,8 +95,11 @@ def build_jax(cfg):
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from puseg_jax import conv_ops
     from puseg_jax.models import UNet
 
+    if cfg.get("plan"):
+        conv_ops.set_cpu_plan(cfg["plan"])
     if cfg.get("cache"):
         jax.config.update("jax_compilation_cache_dir", cfg["cache"])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -173,7 +176,11 @@ def build_jax(cfg):
         out_specs=(P(), P()),
         check_vma=False,
     )
-    step = jax.jit(mapped, donate_argnums=(0,) if cfg.get("donate", True) else ())
+    step = jax.jit(
+        mapped,
+        donate_argnums=(0,) if cfg.get("donate", True) else (),
+        compiler_options=conv_ops.compiler_options(cfg["impl"]),
+    )
     holder = {"state": jax.device_put(state, NamedSharding(mesh, P()))}
 
     def run_step():
@@ -483,6 +490,8 @@ def label(cfg):
             name += " remat" if cfg["remat"] is True else f" remat={cfg['remat']}"
         if (cfg.get("spc") or 1) > 1:
             name += f" {cfg['spc']} steps/call"
+        if cfg.get("plan"):
+            name += f" plan={cfg['plan']}"
         if cfg.get("pad_in"):
             name += f" input padded to {cfg['pad_in']} ch"
         if cfg.get("xla_flags"):
@@ -802,7 +811,8 @@ def main():
         action="append",
         default=[],
         help="one more JAX worker per shape, a JSON object: impl, dtype, spc (steps per call),"
-        " remat, devices, pad_in, xla_flags, batch, shapes (the shapes it runs at)",
+        " remat, devices, pad_in, xla_flags, plan (conv_ops CPU plan), batch, shapes (the"
+        " shapes it runs at)",
     )
     parser.add_argument(
         "--torch-config",

@@ -201,7 +201,11 @@ def scan_steps(step_fn: Callable) -> Callable:
 
 
 def wrap_train_step(
-    step_fn: Callable, mesh: Mesh, strategy: str, steps_per_call: int = 1
+    step_fn: Callable,
+    mesh: Mesh,
+    strategy: str,
+    steps_per_call: int = 1,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Callable:
     """Wraps the per-device step for the mesh; the state argument is donated.
 
@@ -250,16 +254,19 @@ def wrap_train_step(
         out_specs=(P(), P()),
         check_vma=False,
     )
-    return jax.jit(mapped, donate_argnums=(0,))
+    return jax.jit(mapped, donate_argnums=(0,), compiler_options=compiler_options)
 
 
-def wrap_eval_step(eval_fn: Callable, mesh: Mesh, strategy: str) -> Callable:
+def wrap_eval_step(
+    eval_fn: Callable, mesh: Mesh, strategy: str, compiler_options: dict[str, Any] | None = None
+) -> Callable:
     """Wraps eval_fn(state, batch, rng) -> per-example outputs, split on the batch axis.
 
     Args:
       eval_fn: the per-device evaluation step.
       mesh: the device mesh.
       strategy: 'jit' or 'pmap'.
+      compiler_options: XLA options of the compiled step ('jit' only).
 
     Returns:
       The wrapped step; its outputs have the global batch as leading axis.
@@ -276,7 +283,7 @@ def wrap_eval_step(eval_fn: Callable, mesh: Mesh, strategy: str) -> Callable:
 
         return run
     mapped = jax.shard_map(eval_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(AXIS))
-    return jax.jit(mapped)
+    return jax.jit(mapped, compiler_options=compiler_options)
 
 
 def to_host(tree: Any) -> Any:

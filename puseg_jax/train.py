@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from puseg_jax import (
     checkpointing,
+    conv_ops,
     evaluation,
     input_pipeline,
     losses,
@@ -111,8 +112,6 @@ def validate_config(config: ml_collections.ConfigDict) -> DatasetInfo:
 
 
 def create_model(config: ml_collections.ConfigDict, info: DatasetInfo) -> models.UNet:
-    from puseg_jax import conv_ops
-
     return models.UNet(
         num_classes=info.num_outputs,
         widths=tuple(config.model.widths),
@@ -419,14 +418,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_iter.set_state(data_state)
 
     # ---- compile ----------------------------------------------------------------------------
+    options = conv_ops.compiler_options(config.model.conv_impl)
     step_fn = functools.partial(train_step, config=config, label_mode=info.label_mode)
-    p_train_step = parallel.wrap_train_step(step_fn, mesh, strategy)
+    p_train_step = parallel.wrap_train_step(step_fn, mesh, strategy, compiler_options=options)
     steps_per_call = config.steps_per_call
     # Compiled (on first use) only for calls of steps_per_call steps; a resume at a step that
     # is not a multiple of it runs single steps up to the next multiple.
-    p_train_steps = parallel.wrap_train_step(step_fn, mesh, strategy, steps_per_call)
+    p_train_steps = parallel.wrap_train_step(
+        step_fn, mesh, strategy, steps_per_call, compiler_options=options
+    )
     p_eval_step = parallel.wrap_eval_step(
-        functools.partial(eval_step, config=config, label_mode=info.label_mode), mesh, strategy
+        functools.partial(eval_step, config=config, label_mode=info.label_mode),
+        mesh,
+        strategy,
+        compiler_options=options,
     )
     state = parallel.replicate(host_state, mesh, strategy)
     del host_state
@@ -602,7 +607,10 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     host_state, _ = ckpts.restore(step, host_state, NamedSharding(mesh, P()))
     state = parallel.replicate(host_state, mesh, strategy)
     p_eval_step = parallel.wrap_eval_step(
-        functools.partial(eval_step, config=config, label_mode=info.label_mode), mesh, strategy
+        functools.partial(eval_step, config=config, label_mode=info.label_mode),
+        mesh,
+        strategy,
+        compiler_options=conv_ops.compiler_options(config.model.conv_impl),
     )
     writer = evaluation.make_writer(workdir)
     summary = evaluate_checkpoint(
