@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.dropout_rate = 0.0  # decoder dropout (needed for MC-dropout uncertainty)
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     m.conv_impl = "auto"  # 3x3 convolution: auto | xla | fast (see conv_ops.py)
+    m.remat = False  # recompute each U-Net block's activations in the backward pass (less memory)
 
     # ---- loss (docs/method.md) --------------------------------------------------------------
     config.loss = lo = ml_collections.ConfigDict()
@@ -77,6 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
     o.weight_decay = 0.0  # decoupled (AdamW) weight decay; 0 = Adam
     o.grad_clip_norm = 0.0  # global-norm clipping; 0 = off
     config.nan_policy = "raise"  # non-finite loss/grads: raise | skip (step skipped, counted)
+    # Train steps per compiled call (a lax.scan over that many batches): removes the per-step
+    # host round trip where steps are short (GPU/TPU). The log, checkpoint and eval cadences
+    # must be multiples of it; the numbers are those of single steps.
+    config.steps_per_call = 1
+    # Persistent compilation cache: a second run of the same config loads its compiled steps
+    # from here instead of compiling them ('' = JAX's default, $JAX_COMPILATION_CACHE_DIR).
+    config.compile_cache_dir = ""
 
     # ---- logging, evaluation, checkpoints ----------------------------------------------------
     config.log_every_steps = 50

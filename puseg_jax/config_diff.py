@@ -24,6 +24,7 @@ INCIDENTAL_FIELDS = (
     "checkpoint_every_steps",
     "keep_checkpoints",
     "allow_config_change",
+    "compile_cache_dir",
     "data.data_dir",
     "data.manual_dir",
     # Stores images pre-resized with the input pipeline's own resampling (identical network

@@ -27,10 +27,24 @@ numbers (the max-pool bit for bit, the others within float32 rounding).
 
 `impl='auto'` picks 'fast' on the CPU backend and 'xla' elsewhere.
 
+Which weight gradient 'fast' uses is chosen once per process by the CPU's features, from
+measurements on each CPU kind (`cpu_plan`, benchmarks/README.md):
+
+  * 'im2col' (AVX2 CPUs, e.g. the 2-core AMD EPYC Zen 3): the chunked im2col above; XLA's
+    convolutions run through its default library (YNNPACK).
+  * 'eigen' (AVX-512 CPUs, measured on a 2-core Xeon with AVX-512 and AMX): XLA's own weight
+    gradient, with the compiler option that takes convolutions off YNNPACK
+    (`compiler_options`): there YNNPACK's weight gradient is 2.7x slower than Eigen's, the chunked
+    im2col 2.3x, and Eigen's forward and input gradient are ~10% faster than YNNPACK's, while
+    YNNPACK keeps the elementwise and reduction fusions (BatchNorm), where it is 2.3x faster.
+    The option only takes effect in a jit that passes `compiler_options(impl)`, as the train and
+    eval steps do (parallel.py).
+
 This module imports only jax and flax: `benchmarks/gpu.sh` runs it on a machine without the
 project's other dependencies.
 """
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +55,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 IMPLS = ("xla", "fast")
+CPU_PLANS = ("im2col", "eigen")
 
 # Pixels (rows of the patch matrix) per chunk of the weight-gradient reduction. 2048 pixels of
 # 9 * 64 float32 patches are 4.7 MB: within the L3 cache, large enough for an efficient product.
@@ -63,6 +78,66 @@ def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"Unknown conv implementation {impl!r}; expected 'auto', 'xla' or 'fast'.")
     return impl
+
+
+# XLA:CPU library fusions the 'eigen' plan keeps on YNNPACK: the default set without
+# LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION (measured in benchmarks/README.md).
+_YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"
+_cpu_plan: str | None = None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_plan() -> str:
+    """The 'fast' path's weight-gradient plan on this CPU: 'im2col' or 'eigen'.
+
+    Set by $PUSEG_CPU_CONV_PLAN or `set_cpu_plan`; otherwise 'eigen' on CPUs with AVX-512
+    (avx512f) and 'im2col' elsewhere: each is what was measured fastest on that kind of CPU
+    (module docstring). Decided once per process.
+
+    Returns:
+      'im2col' or 'eigen'.
+    """
+    global _cpu_plan
+    if _cpu_plan is None:
+        plan = os.environ.get("PUSEG_CPU_CONV_PLAN", "")
+        if plan and plan not in CPU_PLANS:
+            raise ValueError(f"PUSEG_CPU_CONV_PLAN={plan!r}; expected one of {CPU_PLANS}")
+        _cpu_plan = plan or ("eigen" if "avx512f" in _cpu_flags() else "im2col")
+    return _cpu_plan
+
+
+def set_cpu_plan(plan: str | None) -> None:
+    """Forces the CPU plan ('im2col' or 'eigen'; None: back to the automatic choice). Affects
+    functions traced afterwards (benchmarks and tests compare the plans with it)."""
+    global _cpu_plan
+    if plan is not None and plan not in CPU_PLANS:
+        raise ValueError(f"Unknown CPU plan {plan!r}; expected one of {CPU_PLANS}")
+    _cpu_plan = plan
+
+
+def compiler_options(impl: str = "auto") -> dict[str, str] | None:
+    """XLA compiler options for a jit that runs the U-Net with `impl` (None if it needs none).
+
+    Args:
+      impl: the model's conv_impl ('auto', 'xla' or 'fast').
+
+    Returns:
+      For 'fast' on the CPU under the 'eigen' plan, the option that runs the convolutions with
+      Eigen instead of YNNPACK; otherwise None.
+    """
+    if resolve_impl(impl) == "fast" and jax.default_backend() == "cpu" and cpu_plan() == "eigen":
+        return {"xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS}
+    return None
 
 
 def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -153,6 +228,10 @@ def _conv3x3_fast_fwd(x, kernel):
 
 def _conv3x3_fast_bwd(residuals, g):
     x, kernel = residuals
+    if cpu_plan() == "eigen":
+        # XLA's own gradients, as under plain autodiff (fast under `compiler_options`).
+        _, conv_vjp = jax.vjp(_conv_same, x, kernel)
+        return conv_vjp(g)
     # The input gradient is XLA's own transposed convolution, as under plain autodiff.
     _, conv_vjp_x = jax.vjp(lambda x_: _conv_same(x_, kernel), x)
     (dx,) = conv_vjp_x(g)

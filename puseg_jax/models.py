@@ -116,6 +116,8 @@ class UNet(nn.Module):
       bn_axis_name: the named data-parallel axis BatchNorm averages statistics over.
       conv_impl: 'xla' or 'fast' (see `conv_ops`).
       dtype: compute dtype (parameters stay float32).
+      remat: recompute each block's activations in the backward pass (`nn.remat`) instead of
+        keeping them: less memory, one more forward pass. Parameter names are unchanged.
     """
 
     num_classes: int
@@ -127,6 +129,7 @@ class UNet(nn.Module):
     bn_axis_name: str | None = None
     conv_impl: str = "xla"
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -157,19 +160,27 @@ class UNet(nn.Module):
             conv_impl=self.conv_impl,
             dtype=self.dtype,
         )
+        # `train` is a Python bool (static for remat); explicit names keep the parameter tree
+        # of the plain model ('DoubleConv_i'), whatever the wrapper class is called.
+        block_cls = nn.remat(DoubleConv, static_argnums=(2,)) if self.remat else DoubleConv
+        blocks = iter(range(2 * len(self.widths) - 1))
+
+        def double_conv(width, x):
+            return block_cls(width, **block, name=f"DoubleConv_{next(blocks)}")(x, train)
+
         x = x.astype(self.dtype)
         skips = []
         for width in self.widths[:-1]:
-            x = DoubleConv(width, **block)(x, train)
+            x = double_conv(width, x)
             skips.append(x)
             x = conv_ops.max_pool2x2(x, impl=self.conv_impl)
-        x = DoubleConv(self.widths[-1], **block)(x, train)
+        x = double_conv(self.widths[-1], x)
         for width, skip in zip(reversed(self.widths[:-1]), reversed(skips), strict=False):
             x = conv_ops.ConvTranspose(
                 width, (2, 2), strides=(2, 2), dtype=self.dtype, impl=self.conv_impl
             )(x)
             x = jnp.concatenate([x, skip], axis=-1)
-            x = DoubleConv(width, **block)(x, train)
+            x = double_conv(width, x)
             if self.dropout_rate > 0:
                 deterministic = not (train or mc_dropout)
                 if example_ids is None or deterministic:

@@ -152,14 +152,18 @@ def unreplicate(tree: Any, strategy: str) -> Any:
     return tree
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, strategy: str) -> dict[str, Any]:
+def shard_batch(
+    batch: dict[str, np.ndarray], mesh: Mesh, strategy: str, stacked: bool = False
+) -> dict[str, Any]:
     """This process's block of the global batch -> device arrays split on the batch axis.
 
     Args:
       batch: numpy arrays with batch_size / process_count rows: block `process_index` of the
-        global batch.
+        global batch; with `stacked`, a leading axis of steps comes first ([steps, rows, ...]).
       mesh: the device mesh (from `create_mesh`).
-      strategy: 'jit' (one global jax.Array per key) or 'pmap' ([local_devices, rows, ...]).
+      strategy: 'jit' (one global jax.Array per key) or 'pmap' ([local_devices, rows, ...], or
+        [local_devices, steps, rows, ...] when stacked).
+      stacked: the arrays hold the batches of several steps (`wrap_train_step(steps_per_call=k)`).
 
     Returns:
       The batch placed on the devices.
@@ -167,15 +171,42 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, strategy: str) -> dict
     if strategy == "pmap":
         n = len(local_devices(mesh))
         sharding = NamedSharding(_local_mesh(mesh), P(AXIS))
-        return {
-            k: jax.device_put(v.reshape((n, v.shape[0] // n) + v.shape[1:]), sharding)
-            for k, v in batch.items()
-        }
-    sharding = NamedSharding(mesh, P(AXIS))
+
+        def split(v):
+            if not stacked:
+                return v.reshape((n, v.shape[0] // n) + v.shape[1:])
+            v = v.reshape((v.shape[0], n, v.shape[1] // n) + v.shape[2:])
+            return np.swapaxes(v, 0, 1)
+
+        return {k: jax.device_put(split(v), sharding) for k, v in batch.items()}
+    sharding = NamedSharding(mesh, P(None, AXIS) if stacked else P(AXIS))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def wrap_train_step(step_fn: Callable, mesh: Mesh, strategy: str) -> Callable:
+def scan_steps(step_fn: Callable) -> Callable:
+    """(state, batches, rng) -> (state, stacked metrics): `step_fn` over a stack of batches.
+
+    One compiled call runs several train steps (a `lax.scan` over the leading axis of
+    `batches`), which removes the per-step host round trip where steps are short (small models on
+    GPU/TPU). Each step is the same computation as a single call of `step_fn`.
+    """
+
+    def run(state, batches, rng):
+        def body(state, batch):
+            return step_fn(state, batch, rng)
+
+        return jax.lax.scan(body, state, batches)
+
+    return run
+
+
+def wrap_train_step(
+    step_fn: Callable,
+    mesh: Mesh,
+    strategy: str,
+    steps_per_call: int = 1,
+    compiler_options: dict[str, Any] | None = None,
+) -> Callable:
     """Wraps the per-device step for the mesh; the state argument is donated.
 
     Args:
@@ -183,12 +214,20 @@ def wrap_train_step(step_fn: Callable, mesh: Mesh, strategy: str) -> Callable:
         `AXIS` (gradients by `lax.pmean`, batch statistics and loss sums by `lax.psum`).
       mesh: the device mesh.
       strategy: 'jit' or 'pmap'.
+      steps_per_call: train steps per compiled call; above 1 the wrapped function takes the
+        batches of that many steps stacked (`shard_batch(..., stacked=True)`) and returns the
+        metrics of each step stacked on a leading axis (see `scan_steps`).
 
     Returns:
       (state, batch, rng) -> (state, metrics), with the state in the layout of `replicate`, the
       batch from `shard_batch`, and the metrics (identical on every device) as one copy.
     """
     check_strategy(strategy)
+    if steps_per_call < 1:
+        raise ValueError(f"steps_per_call={steps_per_call} must be >= 1")
+    stacked = steps_per_call > 1
+    if stacked:
+        step_fn = scan_steps(step_fn)
     if strategy == "pmap":
         pmapped = jax.pmap(
             step_fn,
@@ -209,18 +248,25 @@ def wrap_train_step(step_fn: Callable, mesh: Mesh, strategy: str) -> Callable:
     # gradient (conv_ops 'fast') is rejected. Gradients still match one device
     # (tests/test_parallel.py).
     mapped = jax.shard_map(
-        step_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()), check_vma=False
+        step_fn,
+        mesh=mesh,
+        in_specs=(P(), P(None, AXIS) if stacked else P(AXIS), P()),
+        out_specs=(P(), P()),
+        check_vma=False,
     )
-    return jax.jit(mapped, donate_argnums=(0,))
+    return jax.jit(mapped, donate_argnums=(0,), compiler_options=compiler_options)
 
 
-def wrap_eval_step(eval_fn: Callable, mesh: Mesh, strategy: str) -> Callable:
+def wrap_eval_step(
+    eval_fn: Callable, mesh: Mesh, strategy: str, compiler_options: dict[str, Any] | None = None
+) -> Callable:
     """Wraps eval_fn(state, batch, rng) -> per-example outputs, split on the batch axis.
 
     Args:
       eval_fn: the per-device evaluation step.
       mesh: the device mesh.
       strategy: 'jit' or 'pmap'.
+      compiler_options: XLA options of the compiled step ('jit' only).
 
     Returns:
       The wrapped step; its outputs have the global batch as leading axis.
@@ -237,7 +283,7 @@ def wrap_eval_step(eval_fn: Callable, mesh: Mesh, strategy: str) -> Callable:
 
         return run
     mapped = jax.shard_map(eval_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(AXIS))
-    return jax.jit(mapped)
+    return jax.jit(mapped, compiler_options=compiler_options)
 
 
 def to_host(tree: Any) -> Any:

@@ -17,12 +17,14 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from puseg_jax import (
     checkpointing,
     config_diff,
+    conv_ops,
     evaluation,
     input_pipeline,
     logging_utils,
@@ -104,6 +106,13 @@ def validate_config(config: ml_collections.ConfigDict) -> DatasetInfo:
             "network: the network's input grid, as before)"
         )
     validate_evals(resolve_evals(config), config)
+    k = config.steps_per_call
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"steps_per_call={k!r} must be an integer >= 1")
+    for name in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+        # Logging, checkpoints and evaluations happen between compiled calls only.
+        if config[name] % k:
+            raise ValueError(f"{name}={config[name]} is not a multiple of steps_per_call={k}")
     return info
 
 
@@ -149,8 +158,6 @@ def validate_evals(evals: dict[str, dict], config: ml_collections.ConfigDict) ->
 
 
 def create_model(config: ml_collections.ConfigDict, info: DatasetInfo) -> models.UNet:
-    from puseg_jax import conv_ops
-
     return models.UNet(
         num_classes=info.num_outputs,
         widths=tuple(config.model.widths),
@@ -160,6 +167,7 @@ def create_model(config: ml_collections.ConfigDict, info: DatasetInfo) -> models
         bn_axis_name=parallel.AXIS,
         conv_impl=conv_ops.resolve_impl(config.model.conv_impl),
         dtype=jnp.dtype(config.model.dtype),
+        remat=config.model.remat,
     )
 
 
@@ -435,6 +443,35 @@ def _source_val_line(step: int, results: dict[str, dict], mean_dice: float) -> s
     return f"[eval] step {step} source_val Dice: {' | '.join(parts)} | mean {mean_dice:.4f}"
 
 
+def use_compile_cache(cache_dir: str) -> None:
+    """Turns on JAX's persistent compilation cache in `cache_dir` ('' leaves JAX's setting, e.g.
+    $JAX_COMPILATION_CACHE_DIR): a second run of the same program loads its compiled steps
+    instead of compiling them.
+
+    Args:
+      cache_dir: the cache directory (created if missing), or ''.
+    """
+    if not cache_dir or jax.config.jax_compilation_cache_dir == cache_dir:
+        return
+    os.makedirs(cache_dir, exist_ok=True)
+    compilation_cache.set_cache_dir(cache_dir)
+    # JAX decides once per process whether the cache is used, at the first compilation: make it
+    # decide again, so that the setting also holds in a process that compiled before (a notebook).
+    compilation_cache.reset_cache()
+
+
+def _fetch(pending: list) -> list:
+    """[(first step, device metrics, steps or None)] -> [(step, host metrics)], one per step."""
+    out = []
+    for first, metrics, steps in pending:
+        metrics = jax.device_get(metrics)
+        if steps is None:
+            out.append((first, metrics))
+        else:
+            out += [(first + i, jax.tree.map(lambda v, i=i: v[i], metrics)) for i in range(steps)]
+    return out
+
+
 def _check_finite(pending: list, nan_policy: str, counters: dict) -> None:
     """Host check of the in-step finiteness flags of the steps since the last check."""
     for step, m in pending:
@@ -470,6 +507,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     # ---- setup ----------------------------------------------------------------------------------
     info = validate_config(config)
+    use_compile_cache(config.compile_cache_dir)
     parallel.maybe_initialize_distributed(config)
     parallel.check_strategy(config.parallel.strategy)
     mesh = parallel.create_mesh(config.parallel.num_devices)
@@ -530,11 +568,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_iter.set_state(data_state)
 
     # ---- compile ----------------------------------------------------------------------------
-    p_train_step = parallel.wrap_train_step(
-        functools.partial(train_step, config=config, label_mode=info.label_mode), mesh, strategy
+    options = conv_ops.compiler_options(config.model.conv_impl)
+    step_fn = functools.partial(train_step, config=config, label_mode=info.label_mode)
+    p_train_step = parallel.wrap_train_step(step_fn, mesh, strategy, compiler_options=options)
+    steps_per_call = config.steps_per_call
+    # Compiled (on first use) only for calls of steps_per_call steps; a resume at a step that
+    # is not a multiple of it runs single steps up to the next multiple.
+    p_train_steps = parallel.wrap_train_step(
+        step_fn, mesh, strategy, steps_per_call, compiler_options=options
     )
     p_eval_step = parallel.wrap_eval_step(
-        functools.partial(eval_step, config=config, label_mode=info.label_mode), mesh, strategy
+        functools.partial(eval_step, config=config, label_mode=info.label_mode),
+        mesh,
+        strategy,
+        compiler_options=options,
     )
     state = parallel.replicate(host_state, mesh, strategy)
     del host_state
@@ -578,20 +625,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         flush=True,
     )
     try:
-        for step in range(start_step + 1, num_steps + 1):
-            batch = next(train_iter)
-            batch = parallel.shard_batch(
-                {"image": batch["image"], "mask": batch["mask"]}, mesh, strategy
-            )
-            state, metrics = p_train_step(state, batch, train_rng)
-            pending.append((step, metrics))
-            if step == start_step + 1:
-                # The first step compiles: the rate (and ETA) counts from its end.
+        step = start_step
+        while step < num_steps:
+            calls = steps_per_call
+            if calls > 1 and (step % calls or step + calls > num_steps):
+                calls = 1
+            if calls == 1:
+                batch = next(train_iter)
+                batch = parallel.shard_batch(
+                    {"image": batch["image"], "mask": batch["mask"]}, mesh, strategy
+                )
+                state, metrics = p_train_step(state, batch, train_rng)
+                pending.append((step + 1, metrics, None))
+            else:
+                batches = [next(train_iter) for _ in range(calls)]
+                stacked = {k: np.stack([b[k] for b in batches]) for k in ("image", "mask")}
+                batch = parallel.shard_batch(stacked, mesh, strategy, stacked=True)
+                state, metrics = p_train_steps(state, batch, train_rng)
+                pending.append((step + 1, metrics, calls))
+            first_call = step == start_step
+            step += calls
+            if first_call:
+                # The first call compiles: the rate (and ETA) counts from its end.
                 jax.block_until_ready(metrics)
                 t_last, step_last = time.time(), step
 
             if step % config.log_every_steps == 0 or step == num_steps:
-                pending = [(s, jax.device_get(m)) for s, m in pending]
+                pending = _fetch(pending)
                 last = pending[-1][1]
                 _check_finite(pending, config.nan_policy, counters)
                 now = time.time()
@@ -615,7 +675,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # Every process takes the same decision at the same step (a collective when several).
             stop = parallel.any_across_processes(preemption.requested)
             if stop or step % config.checkpoint_every_steps == 0 or step == num_steps:
-                pending = [(s, jax.device_get(m)) for s, m in pending]
+                pending = _fetch(pending)
                 # Before saving: a checkpoint is only written after finite steps.
                 _check_finite(pending, config.nan_policy, counters)
                 save(step)
@@ -732,7 +792,10 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     host_state, _ = ckpts.restore(step, host_state, NamedSharding(mesh, P()))
     state = parallel.replicate(host_state, mesh, strategy)
     p_eval_step = parallel.wrap_eval_step(
-        functools.partial(eval_step, config=config, label_mode=info.label_mode), mesh, strategy
+        functools.partial(eval_step, config=config, label_mode=info.label_mode),
+        mesh,
+        strategy,
+        compiler_options=conv_ops.compiler_options(config.model.conv_impl),
     )
     writer = evaluation.make_writer(workdir)
     summary = evaluate_checkpoint(

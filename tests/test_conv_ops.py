@@ -32,6 +32,19 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(conv_ops, "_CHUNK_PIXELS", 64)
 
 
+@pytest.fixture(params=conv_ops.CPU_PLANS)
+def plan(request):
+    """Each CPU plan of the 'fast' path in turn (whatever this CPU would choose)."""
+    conv_ops.set_cpu_plan(request.param)
+    yield request.param
+    conv_ops.set_cpu_plan(None)
+
+
+def _fast_jit(fn):
+    # As the train and eval steps compile it: with the plan's compiler options.
+    return jax.jit(fn, compiler_options=conv_ops.compiler_options("fast"))
+
+
 @pytest.mark.parametrize(
     "shape, chunked",
     [
@@ -40,7 +53,7 @@ def small_chunks(monkeypatch):
         ((1, 10, 6, 5, 5), False),  # odd sizes, one image, one chunk (no scan)
     ],
 )
-def test_fast_conv_matches_xla_fp32(shape, chunked, monkeypatch):
+def test_fast_conv_matches_xla_fp32(shape, chunked, monkeypatch, plan):
     if chunked:
         monkeypatch.setattr(conv_ops, "_CHUNK_PIXELS", 64)
     n, h, w, c, k = shape
@@ -48,19 +61,19 @@ def test_fast_conv_matches_xla_fp32(shape, chunked, monkeypatch):
     x = jax.random.normal(keys[0], (n, h, w, c))
     kernel = jax.random.normal(keys[1], (3, 3, c, k))
     g = jax.random.normal(keys[2], (n, h, w, k))
-    fast = jax.jit(lambda *a: _conv_and_grads(conv_ops.conv3x3_fast, *a))(x, kernel, g)
+    fast = _fast_jit(lambda *a: _conv_and_grads(conv_ops.conv3x3_fast, *a))(x, kernel, g)
     ref = jax.jit(lambda *a: _conv_and_grads(conv_ops._conv_same, *a))(x, kernel, g)
     for name, a, b in zip(("y", "dx", "dkernel"), fast, ref, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert _rel_err(a, b) < FP32_RTOL, name
 
 
-def test_fast_conv_matches_xla_bf16(small_chunks):
+def test_fast_conv_matches_xla_bf16(small_chunks, plan):
     keys = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(keys[0], (2, 16, 16, 8), jnp.bfloat16)
     kernel = jax.random.normal(keys[1], (3, 3, 8, 16), jnp.bfloat16)
     g = jax.random.normal(keys[2], (2, 16, 16, 16), jnp.bfloat16)
-    fast = jax.jit(lambda *a: _conv_and_grads(conv_ops.conv3x3_fast, *a))(x, kernel, g)
+    fast = _fast_jit(lambda *a: _conv_and_grads(conv_ops.conv3x3_fast, *a))(x, kernel, g)
     ref = jax.jit(lambda *a: _conv_and_grads(conv_ops._conv_same, *a))(x, kernel, g)
     for name, a, b in zip(("y", "dx", "dkernel"), fast, ref, strict=True):
         assert a.dtype == jnp.bfloat16, name
@@ -139,7 +152,7 @@ def test_max_pool_fast_is_nn_max_pool_with_ties(dtype):
         conv_ops.max_pool2x2(x[:, :5], impl="fast")
 
 
-def test_unet_train_step_same_with_either_impl(small_chunks):
+def test_unet_train_step_same_with_either_impl(small_chunks, plan):
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 2, (2, 16, 16)), jnp.int32)
@@ -167,7 +180,7 @@ def test_unet_train_step_same_with_either_impl(small_chunks):
         return loss, grads, stats, optax.apply_updates(variables["params"], updates)
 
     ref = jax.jit(lambda v: step(models["xla"], v))(variables)
-    fast = jax.jit(lambda v: step(models["fast"], v))(variables)
+    fast = _fast_jit(lambda v: step(models["fast"], v))(variables)
     assert abs(float(fast[0]) - float(ref[0])) <= FP32_RTOL * abs(float(ref[0]))
     for tree_fast, tree_ref in zip(fast[1:], ref[1:], strict=True):
         for a, b in zip(jax.tree.leaves(tree_fast), jax.tree.leaves(tree_ref), strict=True):
@@ -180,6 +193,30 @@ def test_resolve_impl():
     assert conv_ops.resolve_impl("fast") == "fast"
     with pytest.raises(ValueError, match="Unknown conv implementation"):
         conv_ops.resolve_impl("cudnn")
+
+
+def test_cpu_plan_choice_and_errors(monkeypatch):
+    monkeypatch.setattr(conv_ops, "_cpu_plan", None)
+    monkeypatch.setenv("PUSEG_CPU_CONV_PLAN", "eigen")
+    assert conv_ops.cpu_plan() == "eigen"
+    options = conv_ops.compiler_options("fast")
+    assert options == {"xla_cpu_experimental_ynn_fusion_type": conv_ops._YNN_WITHOUT_CONVOLUTIONS}
+    assert conv_ops.compiler_options("xla") is None
+    # XLA accepts the option (a wrong name or value would fail here, at compilation).
+    assert float(jax.jit(lambda x: x * 2, compiler_options=options)(1.0)) == 2.0
+    monkeypatch.setattr(conv_ops, "_cpu_plan", None)
+    monkeypatch.setenv("PUSEG_CPU_CONV_PLAN", "im2col")
+    assert conv_ops.cpu_plan() == "im2col" and conv_ops.compiler_options("fast") is None
+    monkeypatch.setattr(conv_ops, "_cpu_plan", None)
+    monkeypatch.delenv("PUSEG_CPU_CONV_PLAN")
+    flags = conv_ops._cpu_flags()
+    assert conv_ops.cpu_plan() == ("eigen" if "avx512f" in flags else "im2col")
+    monkeypatch.setattr(conv_ops, "_cpu_plan", None)
+    monkeypatch.setenv("PUSEG_CPU_CONV_PLAN", "mkl")
+    with pytest.raises(ValueError, match="PUSEG_CPU_CONV_PLAN='mkl'"):
+        conv_ops.cpu_plan()
+    with pytest.raises(ValueError, match="Unknown CPU plan"):
+        conv_ops.set_cpu_plan("mkl")
 
 
 def test_fast_rejects_other_convolutions():
