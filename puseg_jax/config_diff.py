@@ -5,10 +5,11 @@ computation is an error (`train.train_and_evaluate`), and the experiment runner 
 folder by every override that is not incidental (`experiments.run_dir`), so that runs that
 compute different things never share a folder or a table row.
 
-Incidental fields change how a run is logged, stored, laid out on devices or where it reads its
-files from, never its numbers: the 1-vs-N-device equality is tested (tests/test_parallel.py),
-evaluation batches are padded without changing any prediction, and the data folders are
-addresses of the same bytes.
+Incidental fields change how a run is logged, stored, laid out on devices, compiled or where it
+reads its files from, never its numbers beyond float rounding: the 1-vs-N-device equality is
+tested (tests/test_parallel.py), so are several steps per compiled call and rematerialisation
+against single steps without it (tests/test_levers.py, 1e-5), evaluation batches are padded
+without changing any prediction, and the data folders are addresses of the same bytes.
 """
 
 import importlib.util
@@ -25,6 +26,8 @@ INCIDENTAL_FIELDS = (
     "keep_checkpoints",
     "allow_config_change",
     "compile_cache_dir",
+    "steps_per_call",
+    "model.remat",
     "data.data_dir",
     "data.manual_dir",
     # Stores images pre-resized with the input pipeline's own resampling (identical network
