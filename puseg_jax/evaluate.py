@@ -73,8 +73,8 @@ from data_builders.fundus import fundus
 from data_builders.prostate import prostate
 from puseg_jax import (
     checkpointing,
-    config_diff,
     evaluation,
+    inspect_utils,
     logging_utils,
     parallel,
     quality,
@@ -343,26 +343,9 @@ def prepare_external(
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with (its config.json), checked."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: --workdir must be a training workdir (python -m puseg_jax.main "
-            "writes config.json there)"
-        )
-    with open(path) as f:
-        saved = json.load(f)
-    completed, added = config_diff.with_defaults(saved)
-    if added:
-        # A run trained before these fields existed: the code then behaved as their defaults
-        # say (fields are added with the old behaviour as default), and a model field that did
-        # not would fail to restore rather than evaluate something else.
-        print(
-            f"[eval] {path} predates {len(added)} config field(s), taken at their defaults: "
-            + ", ".join(added),
-            flush=True,
-        )
-    config = ml_collections.ConfigDict(completed)
+    """The config a workdir was trained with (its config.json), checked: its dataset family
+    must have a folder builder."""
+    config = inspect_utils.load_config(workdir, announce="[eval]")
     folder_builder(config.data.name)
     return config
 

@@ -71,17 +71,35 @@ def default_workdir(env_var: str = "PUSEG_WORKDIR", method: str = "ours") -> str
     return str(REPO_ROOT / "workdirs" / "demo" / method)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with."""
+def load_config(workdir: str, announce: str = "") -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (its config.json).
+
+    Args:
+      workdir: a training workdir.
+      announce: a console prefix such as '[eval]': when set, the config fields the run predates
+        (taken at their defaults, `config_diff.with_defaults`) are named on the console.
+
+    Returns:
+      The config, completed with the defaults of fields added since the run.
+    """
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{path} not found: is {workdir!r} a training workdir? (`./run.sh demo` writes "
-            "workdirs/demo/erm and workdirs/demo/ours)"
+            f"{path} not found: is {workdir!r} a training workdir? (python -m puseg_jax.main "
+            "writes config.json there; `./run.sh demo` writes workdirs/demo/erm and "
+            "workdirs/demo/ours)"
         )
     with open(path) as f:
-        # A run older than some config fields gets them at their defaults (its behaviour then).
-        return ml_collections.ConfigDict(config_diff.with_defaults(json.load(f))[0])
+        # Fields are added with the old behaviour as their default, so a run older than some
+        # fields computed what their defaults compute.
+        completed, added = config_diff.with_defaults(json.load(f))
+    if added and announce:
+        print(
+            f"{announce} {path} predates {len(added)} config field(s), taken at their defaults: "
+            + ", ".join(added),
+            flush=True,
+        )
+    return ml_collections.ConfigDict(completed)
 
 
 def _evaluator_names(config: ml_collections.ConfigDict) -> list[str]:

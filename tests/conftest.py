@@ -31,6 +31,20 @@ def test_config(**overrides):
 test_config.__test__ = False
 
 
+def random_batches(num_steps: int, size: int, batch: int = 8) -> list[dict]:
+    """Fixed random fundus-like batches (3 channels, classes 0-2) for step-level tests."""
+    import numpy as np
+
+    rs = np.random.RandomState(0)
+    return [
+        {
+            "image": rs.randn(batch, size, size, 3).astype(np.float32),
+            "mask": rs.randint(0, 3, (batch, size, size)).astype(np.int32),
+        }
+        for _ in range(num_steps)
+    ]
+
+
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> str:
     """One TFDS data dir for the session (the tiny synthetic sets are built once)."""

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, random_batches
 from tests.conftest import test_config as make_config
 
 # Several steps in one compiled program are the same arithmetic as single steps, but XLA fuses
@@ -21,17 +21,6 @@ from tests.conftest import test_config as make_config
 ROUNDING = 1e-5
 
 SMALL = {"model.widths": (4, 8), "data.image_size": 16, "loss.num_samples": 2}
-
-
-def _batches(num_steps: int, size: int) -> list[dict[str, np.ndarray]]:
-    rs = np.random.RandomState(0)
-    return [
-        {
-            "image": rs.randn(8, size, size, 3).astype(np.float32),
-            "mask": rs.randint(0, 3, (8, size, size)).astype(np.int32),
-        }
-        for _ in range(num_steps)
-    ]
 
 
 def _setup(**overrides):
@@ -62,7 +51,7 @@ def test_four_steps_per_call_equal_four_single_steps(strategy, devices):
 
     config, host_state, step_fn = _setup()
     mesh = parallel.create_mesh(devices)
-    batches = _batches(4, config.data.image_size)
+    batches = random_batches(4, config.data.image_size)
     rng = jax.random.key(1)
 
     single = parallel.wrap_train_step(step_fn, mesh, strategy)
@@ -154,7 +143,8 @@ def test_remat_same_parameters_loss_and_gradients():
     results = {}
     for remat in (False, True):
         config, host_state, step_fn = _setup(**{"model.remat": remat})
-        state, metrics = _one_step(step_fn, host_state, _batches(1, config.data.image_size)[0])
+        batch = random_batches(1, config.data.image_size)[0]
+        state, metrics = _one_step(step_fn, host_state, batch)
         results[remat] = (host_state.params, state, float(metrics["loss"]))
     (p0, s0, l0), (p1, s1, l1) = results[False], results[True]
     # The same parameter tree (checkpoints are interchangeable) and the same initial values.
@@ -175,7 +165,7 @@ def test_bf16_compute_keeps_float32_parameters_and_optimizer_state():
     import jax.numpy as jnp
 
     config, host_state, step_fn = _setup(**{"model.dtype": "bfloat16"})
-    state, metrics = _one_step(step_fn, host_state, _batches(1, config.data.image_size)[0])
+    state, metrics = _one_step(step_fn, host_state, random_batches(1, config.data.image_size)[0])
     assert np.isfinite(float(metrics["loss"]))
     for tree in (state.params, state.opt_state, state.batch_stats):
         dtypes = {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}

@@ -7,23 +7,13 @@ import functools
 import numpy as np
 import pytest
 
+from tests.conftest import random_batches
 from tests.conftest import test_config as make_config
 
 NUM_STEPS = 3
 TOLERANCE = 1e-5
 # (strategy, devices); the first is the reference.
 LAYOUTS = [("jit", 1), ("jit", 8), ("pmap", 8)]
-
-
-def _batches(num_steps: int, size: int) -> list[dict[str, np.ndarray]]:
-    rs = np.random.RandomState(0)
-    return [
-        {
-            "image": rs.randn(8, size, size, 3).astype(np.float32),
-            "mask": rs.randint(0, 3, (8, size, size)).astype(np.int32),
-        }
-        for _ in range(num_steps)
-    ]
 
 
 def _run(config, info, host_state, strategy: str, num_devices: int, batches):
@@ -106,7 +96,7 @@ def test_jit_and_pmap_on_8_devices_match_one_device(method, overrides):
     info = train.validate_config(config)
     model = train.create_model(config, info)
     host_state = jax.device_get(train.create_train_state(config, info, model, jax.random.key(0)))
-    batches = _batches(NUM_STEPS, config.data.image_size)
+    batches = random_batches(NUM_STEPS, config.data.image_size)
 
     runs = {layout: _run(config, info, host_state, *layout, batches) for layout in LAYOUTS}
     ref_losses, ref_vars = runs[LAYOUTS[0]]
