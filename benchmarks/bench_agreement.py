@@ -22,8 +22,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from puseg_jax import conv_ops  # noqa: E402
-from puseg_jax.models import UNet  # noqa: E402
+from puseg_jax.model import conv_ops  # noqa: E402
+from puseg_jax.model.unet import UNet  # noqa: E402
 
 SHAPES = {"demo": (64, 3, 2), "fundus": (256, 3, 3), "prostate": (384, 1, 2)}
 

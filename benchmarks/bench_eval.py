@@ -1,7 +1,7 @@
 """Speed of the host side of evaluation, in cases/s: post-processing and per-case metrics, the
 uncertainty-quality summary, and the reports written to disk.
 
-Predictions are synthetic but shaped like `evaluation.predict_split`'s output:
+Predictions are synthetic but shaped like `predict.predict_split`'s output:
   * fundus: 2-D cases at 256x256 with two nested structures (OD, OC), sigmoid probabilities;
   * prostate: volumes of --slices slices at 256x256, spacing (0.6, 0.6, 3.6) mm, softmax
     probabilities, re-stacked from shuffled slices and scored in 3-D.
@@ -23,9 +23,10 @@ import numpy as np
 from scipy import ndimage
 
 from configs import fundus
-from puseg_jax import evaluation
-from puseg_jax.datasets import get_dataset_info
-from puseg_jax.logging_utils import MetricWriter
+from puseg_jax.core.datasets import get_dataset_info
+from puseg_jax.core.logging_utils import MetricWriter
+from puseg_jax.evaluators import reports as evaluators_reports
+from puseg_jax.evaluators import scoring
 
 
 def _blob(rng: np.random.Generator, shape: tuple[int, ...], radius: float) -> np.ndarray:
@@ -115,18 +116,18 @@ def best_of(repeats: int, fn) -> float:
 
 
 def bench_host(name: str, pred, info, config, repeats: int) -> None:
-    cases = len(evaluation.group_cases(pred, info.volumetric))
-    full = best_of(repeats, lambda: evaluation.score_cases(pred, info, config, full=True))
-    dice = best_of(repeats, lambda: evaluation.score_cases(pred, info, config, full=False))
+    cases = len(scoring.group_cases(pred, info.volumetric))
+    full = best_of(repeats, lambda: scoring.score_cases(pred, info, config, full=True))
+    dice = best_of(repeats, lambda: scoring.score_cases(pred, info, config, full=False))
     width = config.eval.boundary_width
-    unc = best_of(repeats, lambda: evaluation.uncertainty_quality(pred, info, width))
+    unc = best_of(repeats, lambda: scoring.uncertainty_quality(pred, info, width))
     ev = {"role": "target", "domain": name, "split": "test"}
-    res, rows = evaluation.score_split(pred, info, config, ev, 0)
+    res, rows = scoring.score_split(pred, info, config, ev, 0)
     with tempfile.TemporaryDirectory() as workdir:
         writer = MetricWriter(workdir)
         reports = best_of(
             1,
-            lambda: evaluation.write_domain_reports(
+            lambda: evaluators_reports.write_domain_reports(
                 workdir, name, res, rows, pred, info, config, 0, writer
             ),
         )
@@ -143,14 +144,15 @@ def bench_model(config, info, batches: int) -> None:
 
     import jax
 
-    from puseg_jax import parallel, train
+    from puseg_jax import parallel
+    from puseg_jax.train import steps
 
     mesh = parallel.create_mesh(1)
-    model = train.create_model(config, info)
-    state = train.create_train_state(config, info, model, jax.random.key(0))
+    model = steps.create_model(config, info)
+    state = steps.create_train_state(config, info, model, jax.random.key(0))
     state = parallel.replicate(state, mesh, "jit")
     step = parallel.wrap_eval_step(
-        functools.partial(train.eval_step, config=config, label_mode=info.label_mode), mesh, "jit"
+        functools.partial(steps.eval_step, config=config, label_mode=info.label_mode), mesh, "jit"
     )
     size, b = config.data.image_size, config.eval.batch_size
     batch = parallel.shard_batch({"image": np.zeros((b, size, size, 3), np.float32)}, mesh, "jit")

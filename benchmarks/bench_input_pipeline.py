@@ -30,8 +30,10 @@ import time
 from pathlib import Path
 
 from configs import demo, fundus
-from puseg_jax import input_pipeline, parallel, prepare, train
-from puseg_jax.datasets import get_dataset_info
+from puseg_jax import parallel
+from puseg_jax.core.datasets import get_dataset_info
+from puseg_jax.data import pipeline, prepare, sources
+from puseg_jax.train import steps as train_steps
 
 SHARED_FUNDUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fundus"
 
@@ -60,7 +62,7 @@ def make_config(setting: str, data_dir: str):
 def epoch_batches(config, info, data_dir: str) -> int:
     """Batches in which the stream visits about every training record once."""
     records = sum(
-        len(input_pipeline.make_reader(info, config, d, config.data.train_split, data_dir))
+        len(sources.make_reader(info, config, d, config.data.train_split, data_dir))
         for d in config.data.source_domains
     )
     return -(-records // config.batch_size)
@@ -78,7 +80,7 @@ def per_example_cost(ds, start: int, num_batches: int, batch: int) -> tuple[floa
 def iterator_rate(ds, config, threads: int, warmup: int, num_batches: int, batch: int) -> float:
     """Images/s of the training iterator after `warmup` batches (worker start-up, and each
     process's first decode of the records)."""
-    it = input_pipeline.make_train_iterator(ds, config, num_threads=threads)
+    it = pipeline.make_train_iterator(ds, config, num_threads=threads)
     for _ in range(warmup):
         next(it)
     t0 = time.perf_counter()
@@ -95,11 +97,13 @@ def train_step_rate(config, info, ds, steps: int) -> tuple[float, float, float]:
 
     config.parallel.num_devices = 1
     mesh = parallel.create_mesh(1)
-    model = train.create_model(config, info)
-    state = train.create_train_state(config, info, model, jax.random.key(0))
+    model = train_steps.create_model(config, info)
+    state = train_steps.create_train_state(config, info, model, jax.random.key(0))
     state = parallel.replicate(state, mesh, "jit")
     step = parallel.wrap_train_step(
-        functools.partial(train.train_step, config=config, label_mode=info.label_mode), mesh, "jit"
+        functools.partial(train_steps.train_step, config=config, label_mode=info.label_mode),
+        mesh,
+        "jit",
     )
     batch = ds[0]
     batch = parallel.shard_batch({"image": batch["image"], "mask": batch["mask"]}, mesh, "jit")
@@ -136,7 +140,7 @@ def main() -> None:
         config, what = make_config(setting, args.data_dir)
         info = get_dataset_info(config.data.name)
         prepare.prepare_all(config, info)
-        ds = input_pipeline.train_dataset(info, config, args.data_dir)
+        ds = pipeline.train_dataset(info, config, args.data_dir)
         batch = config.batch_size
         size = config.data.image_size
         print(f"\n== {setting}: {what}; {size}x{size} inputs, batch {batch}", flush=True)

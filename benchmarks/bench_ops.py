@@ -88,7 +88,7 @@ def jax_ops(variant: str):
     import jax.numpy as jnp
     from flax import linen as nn
 
-    from puseg_jax import conv_ops
+    from puseg_jax.model import conv_ops
 
     name, *opts = variant.split("+")
     base, _, plan = name.partition("@")

@@ -6,7 +6,7 @@ scores the same predictions with `eval.resolution='network'` (the network's inpu
 the nearest-resized ground truth: how results were scored before the field existed) and
 'native' (probabilities resampled to the released grid, unresized ground truth). Prints, per
 evaluator and structure, the mean Dice, HD95, ASD and uncertainty quality at both, with the host
-seconds of each scoring (`evaluation.score_cases`, `evaluation.uncertainty_quality`; the
+seconds of each scoring (`scoring.score_cases`, `scoring.uncertainty_quality`; the
 prediction itself is shared and timed apart).
 
     python -m benchmarks.bench_resolution --workdir W [--evals Domain3 ...] [--data_dir D]
@@ -20,8 +20,12 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from puseg_jax import checkpointing, evaluation, metrics, parallel, prepare, train
-from puseg_jax.inspect_utils import load_config
+from puseg_jax import metrics, parallel
+from puseg_jax.data import prepare
+from puseg_jax.evaluators import predict, scoring
+from puseg_jax.runs.workdir import load_config
+from puseg_jax.train import checkpoints, steps
+from puseg_jax.train import config as train_config
 
 
 def main() -> None:
@@ -35,22 +39,22 @@ def main() -> None:
     config.eval.resolution = "native"
     if args.data_dir:
         config.data.data_dir = args.data_dir
-    info = train.validate_config(config)
+    info = train_config.validate_config(config)
     mesh = parallel.create_mesh(config.parallel.num_devices)
     strategy = config.parallel.strategy
     init_rng, _, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
-    host = train.create_train_state(config, info, train.create_model(config, info), init_rng)
-    ckpts = checkpointing.Checkpoints(args.workdir, config.keep_checkpoints)
+    host = steps.create_train_state(config, info, steps.create_model(config, info), init_rng)
+    ckpts = checkpoints.Checkpoints(args.workdir, config.keep_checkpoints)
     step = ckpts.latest_step()
     host, _ = ckpts.restore(step, host, NamedSharding(mesh, P()))
     state = parallel.replicate(host, mesh, strategy)
     p_eval_step = parallel.wrap_eval_step(
-        functools.partial(train.eval_step, config=config, label_mode=info.label_mode),
+        functools.partial(steps.eval_step, config=config, label_mode=info.label_mode),
         mesh,
         strategy,
     )
     data_dir = prepare.resolve_data_dir(config)
-    evals = train.resolve_evals(config)
+    evals = train_config.resolve_evals(config)
     print(f"{args.workdir}: {config.method}, step {step}, {jax.device_count()} device(s)")
     print(
         "| evaluator | cases | structure | resolution | Dice | HD95 | ASD | AUROC(U, error) "
@@ -60,7 +64,7 @@ def main() -> None:
     for name in args.evals or list(evals):
         ev = evals[name]
         t0 = time.perf_counter()
-        pred = evaluation.predict_split(
+        pred = predict.predict_split(
             p_eval_step, state, eval_rng, config, info, data_dir, mesh, strategy,
             ev["domain"], ev["split"],
         )  # fmt: skip
@@ -68,10 +72,10 @@ def main() -> None:
         for resolution in ("network", "native"):
             config.eval.resolution = resolution
             t0 = time.perf_counter()
-            rows = evaluation.score_cases(pred, info, config, full=True)
+            rows = scoring.score_cases(pred, info, config, full=True)
             cases_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            unc = evaluation.uncertainty_quality(pred, info, config.eval.boundary_width, resolution)
+            unc = scoring.uncertainty_quality(pred, info, config.eval.boundary_width, resolution)
             unc_s = time.perf_counter() - t0
             for s, sm in metrics.summarize_cases(rows).items():
                 print(

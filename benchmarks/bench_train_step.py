@@ -95,8 +95,8 @@ def build_jax(cfg):
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from puseg_jax import conv_ops
-    from puseg_jax.models import UNet
+    from puseg_jax.model import conv_ops
+    from puseg_jax.model.unet import UNet
 
     if cfg.get("plan"):
         conv_ops.set_cpu_plan(cfg["plan"])
@@ -130,7 +130,7 @@ def build_jax(cfg):
     images = jax.device_put(images, NamedSharding(mesh, data_spec))
     labels = jax.device_put(labels, NamedSharding(mesh, data_spec))
     init_model = model.clone(bn_axis_name=None)
-    # As train.create_train_state: XLA:CPU compiles the partitionable threefry of the
+    # As steps.create_train_state: XLA:CPU compiles the partitionable threefry of the
     # initialisers several times slower, and one device needs none of it.
     with jax.threefry_partitionable(False):
         variables = jax.jit(lambda x: init_model.init(jax.random.PRNGKey(0), x, train=False))(

@@ -1,6 +1,6 @@
 """Train-step cost of each method and highlighting variant, relative to today's `ours`.
 
-The real step (`train.train_step` through `parallel.wrap_train_step`, one device) of the fundus
+The real step (`steps.train_step` through `parallel.wrap_train_step`, one device) of the fundus
 CPU budget (`configs/fundus.py:Domain1,cpu`: batch 8, 128x128, widths 16-256) on a fixed random
 batch. Every variant is compiled first; then the variants are timed in turn, a few steps each,
 round after round, so that all of them see the same machine conditions (this matters on a shared
@@ -21,7 +21,9 @@ import jax
 import numpy as np
 
 from configs import fundus
-from puseg_jax import parallel, train
+from puseg_jax import parallel
+from puseg_jax.train import config as train_config
+from puseg_jax.train import steps
 
 # name: (method, config overrides); the variant fields are those of docs/method.md.
 VARIANTS = {
@@ -56,12 +58,12 @@ def build(method, overrides, batch):
     config.parallel.num_devices = 1
     for k, v in overrides.items():
         _set(config, k, v)
-    info = train.validate_config(config)
-    model = train.create_model(config, info)
-    state = train.create_train_state(config, info, model, jax.random.key(0))
+    info = train_config.validate_config(config)
+    model = steps.create_model(config, info)
+    state = steps.create_train_state(config, info, model, jax.random.key(0))
     mesh = parallel.create_mesh(1)
     step = parallel.wrap_train_step(
-        functools.partial(train.train_step, config=config, label_mode=info.label_mode), mesh, "jit"
+        functools.partial(steps.train_step, config=config, label_mode=info.label_mode), mesh, "jit"
     )
     holder = {"state": parallel.replicate(state, mesh, "jit")}
     sharded = parallel.shard_batch(batch, mesh, "jit")

@@ -15,7 +15,7 @@
 # are printed at the end and, with $OUT set, written there (summary.md, *.json, log.txt).
 # The matmul peak (8192^2 bf16, each framework) is measured in each part.
 #
-# Needs only python3 with jax (CUDA), flax, optax, numpy and torch (CUDA): puseg_jax.models and
+# Needs only python3 with jax (CUDA), flax, optax, numpy and torch (CUDA): puseg_jax.model.unet and
 # conv_ops import only jax and flax.
 #
 # Usage, from anywhere:  bash benchmarks/gpu.sh         (GPU)
@@ -48,7 +48,7 @@ bench=("$py" benchmarks/bench_train_step.py --device "$device" --dtype bfloat16 
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   timeout 60 "$py" -c "
 import sys, jax, flax, optax, torch
-import puseg_jax.models  # must import with jax/flax only
+import puseg_jax.model.unet  # must import with jax/flax only
 print('python', sys.version.split()[0], '| jax', jax.__version__, jax.devices(), '| flax',
       flax.__version__, '| optax', optax.__version__, '| torch', torch.__version__,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')

@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- data -------------------------------------------------------------------------------
     config.data = d = ml_collections.ConfigDict()
-    d.name = "synth_fundus"  # dataset family (puseg_jax/datasets.py)
+    d.name = "synth_fundus"  # dataset family (puseg_jax/core/datasets.py)
     d.data_dir = ""  # TFDS data dir; '' = $PUSEG_DATA_DIR or <repo>/tfds_data
     d.manual_dir = ""  # the downloaded release (real datasets only)
     d.build_kwargs = ml_collections.ConfigDict()  # extra BuilderConfig fields when preparing
@@ -94,7 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model_selection = "last"  # checkpoint reported: last | source_val (best source Dice)
     config.init_from = ""  # checkpoint dir to initialise params from when the workdir is empty
     # Resuming a checkpoint written with a config that differs in a field that changes the
-    # computation is an error (puseg_jax/config_diff.py); True resumes anyway (rare, deliberate).
+    # computation is an error (puseg_jax/core/config_diff.py); True resumes anyway (rare,
+    # deliberate).
     config.allow_config_change = False
 
     config.eval = e = ml_collections.ConfigDict()
@@ -108,7 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
     e.boundary_width = 2  # pixels of the scored grid, band for boundary/interior uncertainty
     e.resolution = "native"  # score on: native (released/original grid) | network (input grid)
 
-    # Named evaluators, filled by `puseg_jax.train.resolve_evals` when left empty:
+    # Named evaluators, filled by `puseg_jax.train.config.resolve_evals` when left empty:
     # {name: {domain, split, role}} with role 'target' or 'source_val'.
     config.evals = ml_collections.ConfigDict()
 

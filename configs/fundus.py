@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.train_split = "train"
     d.val_split = "test"  # the sources' held-out images (never the target's)
     d.target_split = "test"
-    # config.evals stays empty: train.resolve_evals derives the target's evaluator (its
+    # config.evals stays empty: train.config.resolve_evals derives the target's evaluator (its
     # target_split) and one source-validation evaluator per source (val_split), so overriding
     # the domains on the command line keeps the roles right.
 

@@ -21,7 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from puseg_jax import logging_utils
+    from puseg_jax.core import logging_utils
 
     # absl's --verbosity counts as a request for the library logs only when given: app.run
     # raises its default to INFO, which would flood the console.
@@ -30,16 +30,16 @@ def main(argv):
     # Imported here so that XLA_FLAGS set by the caller apply before JAX starts.
     import jax
 
-    from puseg_jax import train
+    from puseg_jax.train import trainer
 
     # Not jax.devices(): that starts the backend, after which a multi-process run can no longer
     # call jax.distributed.initialize (train.py reports the devices once it has).
     logging.info("JAX %s", jax.__version__)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     if FLAGS.mode == "train":
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
-        train.evaluate_only(FLAGS.config, FLAGS.workdir)
+        trainer.evaluate_only(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ It is wrapped either by
 Both give the numbers of one device on the same global batch (tests/test_parallel.py).
 
 Multi-process runs (TPU pods, GPU clusters, several CPU processes) use 'jit': every process
-feeds its own contiguous block of each global batch (`input_pipeline.train_dataset` and
-`evaluation.predict_split` cut it), and the mesh lists the devices process by process, so the
+feeds its own contiguous block of each global batch (`pipeline.train_dataset` and
+`predict.predict_split` cut it), and the mesh lists the devices process by process, so the
 blocks concatenated in process order are the global batch one process would have built
 (tests/test_multihost.py). 'pmap' maps over one process's devices only.
 """

@@ -6,15 +6,17 @@ writes, per domain, one titled panel per case (`panel_<i>_<case>.png`, drawn as 
 draws `eval/<name>/panel_*.png` and the TensorBoard images), a contact sheet of those cases with
 their Dice (`contact_sheet.png`), for volumes a grid over the slices of each case
 (`slices_<case>.png`) and, with `--compare`, the same cases under a second run side by side.
-See `main` for every option. The drawing is `puseg_jax.panels`; the figures are
-`puseg_jax.inspect_utils` (the notebook's helpers).
+See `main` for every option. The drawing is `puseg_jax.drawing.panels`; the figures are
+`puseg_jax.runs.workdir_figures` (the notebook's helpers).
 """
 
 import argparse
 import os
 from collections.abc import Sequence
 
-from puseg_jax import evaluation, inspect_utils, panels
+from puseg_jax.drawing import figures, panels
+from puseg_jax.evaluators import case_panels
+from puseg_jax.runs import workdir, workdir_figures
 
 
 def write_domain_pngs(
@@ -28,11 +30,11 @@ def write_domain_pngs(
     """Writes the PNGs of one evaluated domain of a workdir into `out_dir/<name>/`.
 
     Args:
-      wd: an `inspect_utils.Workdir`.
+      wd: an `workdir.Workdir`.
       name: the evaluator (eval/<name>).
       out_dir: output folder.
       num_cases: cases shown (panels and contact sheet).
-      order: which cases, see `inspect_utils.select_cases`.
+      order: which cases, see `workdir.select_cases`.
       compare: another `Workdir` (e.g. the 'erm' run); adds `compare_<method>.png` with the
         same cases under both runs.
 
@@ -41,27 +43,27 @@ def write_domain_pngs(
     """
     dest = os.path.join(out_dir, name)
     os.makedirs(dest, exist_ok=True)
-    pred = inspect_utils.load_predictions(wd, name)
-    per_case = inspect_utils.load_per_case(wd, name)
-    cases = inspect_utils.select_cases(pred, per_case, wd.info, num_cases, order)
+    pred = workdir.load_predictions(wd, name)
+    per_case = workdir.load_per_case(wd, name)
+    cases = workdir.select_cases(pred, per_case, wd.info, num_cases, order)
     # The header of evaluation's own panels, from the step the reports were written at.
-    title = evaluation.panel_title(wd.method, name, wd.role(name), wd.evals[name].get("step"))
+    title = case_panels.panel_title(wd.method, name, wd.role(name), wd.evals[name].get("step"))
     written = []
     for i, (case_id, idx) in enumerate(cases):
         dice = {s: m["dice"] for s, m in per_case[case_id].items()}
         path = os.path.join(dest, f"panel_{i}_{case_id}.png")
-        panel = evaluation.draw_case(pred, case_id, idx, dice, wd.info, wd.config, title)
+        panel = case_panels.draw_case(pred, case_id, idx, dice, wd.info, wd.config, title)
         panels.save_png(panel, path)
         written.append(path)
         if wd.info.volumetric:
-            fig = inspect_utils.slice_grid_figure(wd, name, pred, per_case, case_id)
-            written.append(inspect_utils.save_figure(fig, os.path.join(dest, f"slices_{case_id}")))
-    fig = inspect_utils.cases_figure(wd, name, pred, per_case, cases)
-    written.append(inspect_utils.save_figure(fig, os.path.join(dest, "contact_sheet")))
+            fig = workdir_figures.slice_grid_figure(wd, name, pred, per_case, case_id)
+            written.append(figures.save_figure(fig, os.path.join(dest, f"slices_{case_id}")))
+    fig = workdir_figures.cases_figure(wd, name, pred, per_case, cases)
+    written.append(figures.save_figure(fig, os.path.join(dest, "contact_sheet")))
     if compare is not None:
-        fig = inspect_utils.compare_figure(compare, wd, name, [c for c, _ in cases])
+        fig = workdir_figures.compare_figure(compare, wd, name, [c for c, _ in cases])
         path = os.path.join(dest, f"compare_{compare.method}_{wd.method}")
-        written.append(inspect_utils.save_figure(fig, path))
+        written.append(figures.save_figure(fig, path))
     return written
 
 
@@ -105,12 +107,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         help="evaluate the checkpoint first when predictions.npz is missing (needs the data)",
     )
     args = parser.parse_args(argv)
-    wd = inspect_utils.open_workdir(args.workdir, evaluate_if_missing=args.evaluate_if_missing)
+    wd = workdir.open_workdir(args.workdir, evaluate_if_missing=args.evaluate_if_missing)
     other = None
     if args.compare:
-        other = inspect_utils.open_workdir(
-            args.compare, evaluate_if_missing=args.evaluate_if_missing
-        )
+        other = workdir.open_workdir(args.compare, evaluate_if_missing=args.evaluate_if_missing)
     names = args.domain or wd.eval_names
     written = []
     for name in names:

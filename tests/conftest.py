@@ -55,10 +55,10 @@ def tfds_dir(tmp_path_factory) -> str:
 def tiny_workdir(tmp_path_factory, tfds_dir) -> str:
     """A workdir trained once per session with configs/test.py (method 'ours'), with eval
     reports, predictions.npz and checkpoints; shared by the eval, notebook and CLI tests."""
-    from puseg_jax import train
+    from puseg_jax.train import trainer
 
     workdir = str(tmp_path_factory.mktemp("tiny_workdir"))
-    train.train_and_evaluate(test_config(**{"data.data_dir": tfds_dir}), workdir)
+    trainer.train_and_evaluate(test_config(**{"data.data_dir": tfds_dir}), workdir)
     return workdir
 
 

@@ -207,7 +207,7 @@ def test_target_only_domain_with_test_split(tmp_path):
 
 @pytest.mark.real_data
 def test_store_size_keeps_pipeline_pixels_and_distance_unit(tmp_path):
-    from puseg_jax.input_pipeline import preprocess, resize, to_input_size
+    from puseg_jax.data.transforms import preprocess, resize, to_input_size
     from tests.conftest import test_config
 
     config = FundusConfig(name="Domain2_small", folder="Domain2", store_size=64)

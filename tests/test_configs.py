@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from puseg_jax import datasets, losses, parallel
+from puseg_jax import parallel
+from puseg_jax.core import datasets
+from puseg_jax.model import losses
 from tests.conftest import REPO
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -29,7 +31,7 @@ def _configs(path):
 
 @pytest.mark.parametrize("path", [p for p in CONFIG_FILES if not p.endswith("__init__.py")])
 def test_config_resolves(path):
-    from puseg_jax import train
+    from puseg_jax.train import config as train_config
 
     configs = _configs(path)
     assert configs, f"{path} has no get_config"
@@ -37,7 +39,7 @@ def test_config_resolves(path):
         assert config.method in losses.METHODS
         assert config.parallel.strategy in parallel.STRATEGIES
         info = datasets.get_dataset_info(config.data.name)
-        train.validate_config(config)
+        train_config.validate_config(config)
         assert config.data.image_size % 2 ** (len(config.model.widths) - 1) == 0
         assert set(config.data.source_domains) <= set(info.domains) | set(
             config.data.get("extra_domains", ())
@@ -45,10 +47,10 @@ def test_config_resolves(path):
 
 
 def test_eval_resolution_is_validated():
-    from puseg_jax import train
+    from puseg_jax.train import config as train_config
     from tests.conftest import test_config
 
     assert test_config().eval.resolution == "native"
-    train.validate_config(test_config(**{"eval.resolution": "network"}))
+    train_config.validate_config(test_config(**{"eval.resolution": "network"}))
     with pytest.raises(ValueError, match="eval.resolution 'released'"):
-        train.validate_config(test_config(**{"eval.resolution": "released"}))
+        train_config.validate_config(test_config(**{"eval.resolution": "released"}))

@@ -19,7 +19,7 @@ def _record(level: int, pathname: str) -> logging.LogRecord:
 
 
 def test_quiet_console_shows_warnings_and_errors_but_not_info_or_library_routine():
-    from puseg_jax import logging_utils
+    from puseg_jax.core import logging_utils
 
     def lib(*parts):
         return os.path.join(os.sep, "venv", "site-packages", *parts)
@@ -27,7 +27,7 @@ def test_quiet_console_shows_warnings_and_errors_but_not_info_or_library_routine
     tfds_file = lib("tensorflow_datasets", "core", "dataset_builder.py")
     orbax_file = lib("orbax", "checkpoint", "checkpoint_manager.py")
     jax_file = lib("jax", "_src", "xla_bridge.py")
-    ours = str(conftest.REPO / "puseg_jax" / "evaluation.py")
+    ours = str(conftest.REPO / "puseg_jax" / "evaluators" / "scoring.py")
     for path in (ours, orbax_file, jax_file):
         assert not logging_utils._quiet_console(_record(logging.INFO, path))
     for path in (ours, jax_file):
@@ -38,7 +38,7 @@ def test_quiet_console_shows_warnings_and_errors_but_not_info_or_library_routine
 
 
 def test_stdout_to_log_turns_prints_into_info_records(caplog, capsys):
-    from puseg_jax import logging_utils
+    from puseg_jax.core import logging_utils
 
     with caplog.at_level(logging.INFO), logging_utils.stdout_to_log():
         print("first line\n")
@@ -48,7 +48,7 @@ def test_stdout_to_log_turns_prints_into_info_records(caplog, capsys):
 
 
 def test_progress_updates_in_place_on_a_terminal_and_logs_plain_lines(monkeypatch, capsys):
-    from puseg_jax import logging_utils
+    from puseg_jax.core import logging_utils
 
     class Terminal(io.StringIO):
         def isatty(self):

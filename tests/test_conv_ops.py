@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from puseg_jax import conv_ops
-from puseg_jax.models import UNet
+from puseg_jax.model import conv_ops
+from puseg_jax.model.unet import UNet
 
 FP32_RTOL = 1e-4
 # bf16 has an 8-bit mantissa (relative step 2^-8 = 0.004); sums of ~100-1000 rounded products,

@@ -56,26 +56,27 @@ def _volume_pred(rng, cases, num_slices=5, size=24, spacing=(0.5, 0.7, 3.0)):
 
 
 def test_group_cases_restacks_shuffled_slices():
-    from puseg_jax import evaluation
+    from puseg_jax.evaluators import scoring
 
     rng = np.random.default_rng(0)
     pred = _volume_pred(rng, cases=3)
-    cases = evaluation.group_cases(pred, volumetric=True)
+    cases = scoring.group_cases(pred, volumetric=True)
     assert sorted(c for c, _ in cases) == ["case0", "case1", "case2"]
     for case_id, idx in cases:
         assert (pred["case_id"][idx] == case_id).all()
         assert pred["slice_index"][idx].tolist() == list(range(5))
     # 2-D: one case per example, in order.
-    flat = evaluation.group_cases(pred, volumetric=False)
+    flat = scoring.group_cases(pred, volumetric=False)
     assert [i.tolist() for _, i in flat] == [[i] for i in range(len(pred["case_id"]))]
     pred["slice_index"][pred["slice_index"] == 1] = 2
     with pytest.raises(ValueError, match="two examples of one slice"):
-        evaluation.group_cases(pred, volumetric=True)
+        scoring.group_cases(pred, volumetric=True)
 
 
 def test_volumes_are_post_processed_and_scored_in_3d_with_spacing():
-    from puseg_jax import evaluation, metrics
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax import metrics
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
 
     info = get_dataset_info("synth_prostate")
     rng = np.random.default_rng(1)
@@ -89,16 +90,16 @@ def test_volumes_are_post_processed_and_scored_in_3d_with_spacing():
     # connected to the gland in 3-D.
     fg[5, 2:5, 2:5] = True
     fg_prob = np.where(fg, 0.9, 0.1).astype(np.float32)
-    ((_, idx),) = evaluation.group_cases(pred, volumetric=True)
+    ((_, idx),) = scoring.group_cases(pred, volumetric=True)
     inverse = np.argsort(idx)  # volume slice -> example row
     pred["probs"] = np.stack([1 - fg_prob, fg_prob], -1)[inverse]
     pred["mask"] = gt.astype(np.int32)[inverse]
 
     # The arrays are on one grid here; native scoring is tested below.
     config = make_config(**{"eval.largest_component": True, "eval.resolution": "network"})
-    masks = evaluation.structure_masks(pred["probs"][idx], info, config)
+    masks = scoring.structure_masks(pred["probs"][idx], info, config)
     assert masks.shape == (1, d, h, h) and not masks[0, 5].any() and masks[0, 1:5].any()
-    (row,) = evaluation.score_cases(pred, info, config, full=True)
+    (row,) = scoring.score_cases(pred, info, config, full=True)
     # Stored spacing is (row, col, slice); a (D, H, W) volume is measured as (slice, row, col).
     expected = metrics.compute_case_metrics(masks[0], gt, spacing=(3.0, 0.5, 0.7))
     assert row["prostate"] == pytest.approx(expected)
@@ -107,15 +108,16 @@ def test_volumes_are_post_processed_and_scored_in_3d_with_spacing():
     assert row["prostate"]["asd"] != pytest.approx(wrong_order["asd"])
 
     config.eval.largest_component = False
-    masks = evaluation.structure_masks(pred["probs"][idx], info, config)
+    masks = scoring.structure_masks(pred["probs"][idx], info, config)
     assert masks[0, 5].any()
 
 
 def test_fundus_post_processing_is_the_dofe_protocol():
     from scipy import ndimage
 
-    from puseg_jax import evaluation, metrics
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax import metrics
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
 
     info = get_dataset_info("synth_fundus")
     rng = np.random.default_rng(2)
@@ -124,14 +126,14 @@ def test_fundus_post_processing_is_the_dofe_protocol():
     for threshold in (0.5, 0.75):
         config = make_config(**{"eval.threshold": threshold})
         od, oc = metrics.postprocess_fundus(probs[..., 0], probs[..., 1], threshold, True)
-        masks = evaluation.structure_masks(probs, info, config)
+        masks = scoring.structure_masks(probs, info, config)
         assert np.array_equal(masks[0], od) and np.array_equal(masks[1], oc)
         assert not (masks[1] & ~masks[0]).any()  # the cup lies in the disc
 
 
 def test_uncertainty_quality_on_known_errors():
-    from puseg_jax import evaluation
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
 
     info = get_dataset_info("synth_prostate")
     mask = np.zeros((2, 16, 16), np.int32)
@@ -141,7 +143,7 @@ def test_uncertainty_quality_on_known_errors():
     probs = np.stack([1 - fg, fg], -1)
     error = (fg > 0.5) != (mask == 1)
     pred = {"probs": probs, "mask": mask, "uncertainty": error * 0.9 + 0.05}
-    q = evaluation.uncertainty_quality(pred, info, width=2)
+    q = scoring.uncertainty_quality(pred, info, width=2)
     assert q["auroc_error"] == 1.0
     assert q["error_rate"] == pytest.approx(error.mean())
     assert q["u_boundary"] > q["u_interior"]
@@ -156,7 +158,7 @@ def test_uncertainty_quality_on_known_errors():
 def _native_pred(native_masks, probs, spacing_unit="pixel", native_spacing=(1.0, 1.0, 1.0)):
     """predict_split-like output of 2-D examples: network-grid probabilities, each example's
     class mask on its own native grid, and the nearest-resized mask on the network's grid."""
-    from puseg_jax import input_pipeline
+    from puseg_jax.data import transforms
 
     n, size = len(probs), probs.shape[1]
     native = np.empty(n, object)
@@ -173,7 +175,7 @@ def _native_pred(native_masks, probs, spacing_unit="pixel", native_spacing=(1.0,
         "uncertainty": np.abs(probs[..., 0] - 0.5).astype(np.float32),
         "mask": np.stack(
             [
-                input_pipeline.resize(m[..., None].astype(np.uint8), size, True)[..., 0]
+                transforms.resize(m[..., None].astype(np.uint8), size, True)[..., 0]
                 for m in native_masks
             ]
         ).astype(np.int32),
@@ -191,8 +193,8 @@ def _structures_to_classes(masks):
 
 
 def test_structure_thinner_than_a_network_pixel_scores_differently():
-    from puseg_jax import evaluation
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
 
     info = get_dataset_info("synth_fundus")
     # 64x64 released image, 16x16 network grid: one network pixel spans 4 released pixels.
@@ -207,7 +209,7 @@ def test_structure_thinner_than_a_network_pixel_scores_differently():
     rows = {}
     for resolution in ("network", "native"):
         config = make_config(**{"eval.resolution": resolution})
-        (rows[resolution],) = evaluation.score_cases(pred, info, config, full=True)
+        (rows[resolution],) = scoring.score_cases(pred, info, config, full=True)
     assert rows["network"]["OC"]["dice"] == 1.0 and rows["network"]["OC"]["hd95"] == 0.0
     # Natively, a cup one network pixel wide cannot match a 2-pixel ground truth.
     oc = rows["native"]["OC"]
@@ -218,8 +220,8 @@ def test_structure_thinner_than_a_network_pixel_scores_differently():
 def test_native_scores_of_a_perfect_upsampled_prediction_are_exact():
     from scipy import ndimage
 
-    from puseg_jax import evaluation
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
 
     info = get_dataset_info("synth_fundus")
     rng = np.random.default_rng(3)
@@ -232,34 +234,35 @@ def test_native_scores_of_a_perfect_upsampled_prediction_are_exact():
     shapes = [(61, 61), (48, 72)]
     config = make_config()  # native by default
     native = [
-        _structures_to_classes(evaluation.structure_masks(evaluation.to_native(p, s), info, config))
+        _structures_to_classes(scoring.structure_masks(scoring.to_native(p, s), info, config))
         for p, s in zip(probs, shapes, strict=True)
     ]
     pred = _native_pred(native, probs)
-    for row in evaluation.score_cases(pred, info, config, full=True):
+    for row in scoring.score_cases(pred, info, config, full=True):
         for s in info.structures:
             assert row[s]["dice"] == 1.0 and row[s]["hd95"] == 0.0 and row[s]["asd"] == 0.0
             assert not row[s]["empty_gt"]
     # The same arrays on the network grid are not perfect: the ground truth there is resized.
-    network = evaluation.score_cases(
+    network = scoring.score_cases(
         pred, info, make_config(**{"eval.resolution": "network"}), full=True
     )
     assert min(r[s]["dice"] for r in network for s in info.structures) < 1.0
 
 
 def test_native_volumes_stack_slices_and_use_the_native_spacing():
-    from puseg_jax import evaluation, metrics
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax import metrics
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
 
     info = get_dataset_info("synth_prostate")
     rng = np.random.default_rng(4)
     pred = _volume_pred(rng, cases=1, num_slices=4, size=16)
-    ((_, idx),) = evaluation.group_cases(pred, volumetric=True)
+    ((_, idx),) = scoring.group_cases(pred, volumetric=True)
     yy, xx = np.mgrid[:16, :16]
     fg = np.stack([1 / (1 + np.exp(np.hypot(yy - 8, xx - 7) - r)) for r in (2, 4, 5, 3)])
     probs = np.stack([1 - fg, fg], -1)  # [D, 16, 16, 2] in slice order
     native_shape, native_spacing = (40, 30), (0.4, 0.5, 3.0)
-    gt = np.stack([evaluation.to_native(p, native_shape).argmax(-1) for p in probs])
+    gt = np.stack([scoring.to_native(p, native_shape).argmax(-1) for p in probs])
     gt[0] = 0  # a slice without gland, hallucinated by the prediction
     inverse = np.argsort(idx)
     n = len(idx)
@@ -271,25 +274,25 @@ def test_native_volumes_stack_slices_and_use_the_native_spacing():
     for j, i in enumerate(inverse):
         pred["native_mask"][j] = gt[i].astype(np.uint8)
     config = make_config(**{"eval.largest_component": False})
-    (row,) = evaluation.score_cases(pred, info, config, full=True)
-    pm = np.stack([evaluation.to_native(p, native_shape).argmax(-1) for p in probs]) == 1
+    (row,) = scoring.score_cases(pred, info, config, full=True)
+    pm = np.stack([scoring.to_native(p, native_shape).argmax(-1) for p in probs]) == 1
     expected = metrics.compute_case_metrics(pm, gt == 1, spacing=(3.0, 0.4, 0.5))
     assert row["prostate"] == pytest.approx(expected)
     assert 0 < row["prostate"]["hd95"] and row["prostate"]["dice"] < 1
     # Native shapes that differ between the slices of one volume cannot be stacked.
     pred["native_shape"][0] = (41, 30)
     with pytest.raises(ValueError, match="different native shapes"):
-        evaluation.score_cases(pred, info, config, full=True)
+        scoring.score_cases(pred, info, config, full=True)
 
 
 def test_slices_without_spacing_get_per_slice_distances():
-    from puseg_jax import evaluation
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
 
     info = get_dataset_info("prostate_slices")
     rng = np.random.default_rng(5)
     pred = _volume_pred(rng, cases=1, num_slices=3, size=8, spacing=(3.0, 3.0, 1.0))
-    ((_, idx),) = evaluation.group_cases(pred, volumetric=True)
+    ((_, idx),) = scoring.group_cases(pred, volumetric=True)
     inverse = np.argsort(idx)
     gt = np.zeros((3, 24, 24), np.uint8)
     gt[1, 6:18, 6:18] = 1  # slice 0: nothing anywhere; slice 2: gland missed
@@ -310,12 +313,12 @@ def test_slices_without_spacing_get_per_slice_distances():
     for j, i in enumerate(inverse):
         pred["native_mask"][j] = gt[i]
     config = make_config()
-    (row,) = evaluation.score_cases(pred, info, config, full=True)
+    (row,) = scoring.score_cases(pred, info, config, full=True)
     r = row["prostate"]
     assert (r["slices_scored"], r["slices_empty_pred"], r["slices_empty_gt"]) == (2, 1, 0)
     # Slice 1 is perfect; the missed slice 2 scores the slice diagonal (24 * sqrt 2).
     assert r["hd95"] == pytest.approx(24 * np.sqrt(2) / 2) and r["dice"] < 1
-    res, _ = evaluation.score_split(
+    res, _ = scoring.score_split(
         pred, info, config, {"domain": "X", "split": "test", "role": "target"}, step=1
     )
     assert res["distance"] == "2-D per slice, released pixels" and res["resolution"] == "native"
@@ -323,7 +326,7 @@ def test_slices_without_spacing_get_per_slice_distances():
     assert res["uncertainty_resolution"] == "native"
     # On the network grid the volume is measured in 3-D, as before.
     net_config = make_config(**{"eval.resolution": "network"})
-    net, _ = evaluation.score_split(
+    net, _ = scoring.score_split(
         pred, info, net_config, {"domain": "X", "split": "test", "role": "target"}, step=1
     )
     assert (
@@ -334,8 +337,8 @@ def test_slices_without_spacing_get_per_slice_distances():
 
 
 def test_uncertainty_quality_native_equals_network_on_one_grid():
-    from puseg_jax import evaluation
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
 
     info = get_dataset_info("synth_fundus")
     rng = np.random.default_rng(6)
@@ -344,8 +347,8 @@ def test_uncertainty_quality_native_equals_network_on_one_grid():
     ]
     pred = _native_pred(masks, rng.random((3, 16, 16, 2)))
     pred["uncertainty"] = rng.random((3, 16, 16)).astype(np.float32)
-    network = evaluation.uncertainty_quality(pred, info, 2, "network")
-    native = evaluation.uncertainty_quality(pred, info, 2, "native")
+    network = scoring.uncertainty_quality(pred, info, 2, "network")
+    native = scoring.uncertainty_quality(pred, info, 2, "native")
     reliability = native.pop("reliability")
     for key, value in network.pop("reliability").items():
         np.testing.assert_allclose(reliability[key], value, rtol=1e-12)
@@ -353,14 +356,14 @@ def test_uncertainty_quality_native_equals_network_on_one_grid():
 
 
 def test_model_selection_refuses_target_domains():
-    from puseg_jax import evaluation
+    from puseg_jax.evaluators import reports
 
     def result(role, dice):
         return {"role": role, "structures": {"OD": {"dice": {"mean": dice}}}}
 
-    assert evaluation.mean_dice({"D1": result("source_val", 0.5), "D2": result("source_val", 0.7)})
+    assert reports.mean_dice({"D1": result("source_val", 0.5), "D2": result("source_val", 0.7)})
     with pytest.raises(ValueError, match="source_val"):
-        evaluation.mean_dice({"D1": result("source_val", 0.5), "D3": result("target", 0.9)})
+        reports.mean_dice({"D1": result("source_val", 0.5), "D3": result("target", 0.9)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,8 +389,10 @@ def test_every_slice_is_predicted_from_the_image_alone(tfds_dir, tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from puseg_jax import evaluation, input_pipeline, parallel, prepare
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax import parallel
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.data import prepare, sources
+    from puseg_jax.evaluators import domains, predict, reports
 
     config = _prostate_config(tfds_dir)
     info = get_dataset_info("synth_prostate")
@@ -402,10 +407,10 @@ def test_every_slice_is_predicted_from_the_image_alone(tfds_dir, tmp_path):
 
     state = parallel.replicate(jnp.zeros(()), mesh, "jit")
     key = jax.random.key(0)
-    pred = evaluation.predict_split(
+    pred = predict.predict_split(
         spy, state, key, config, info, tfds_dir, mesh, "jit", "SiteC", "test"
     )
-    source = input_pipeline.load_source(info, "SiteC", "test", tfds_dir, PROSTATE_KWARGS)
+    source = sources.load_source(info, "SiteC", "test", tfds_dir, PROSTATE_KWARGS)
     n = len(source)
     assert n % config.eval.batch_size  # the last batch was padded
     assert seen == [["image"]] * -(-n // config.eval.batch_size)  # labels never reach devices
@@ -424,9 +429,9 @@ def test_every_slice_is_predicted_from_the_image_alone(tfds_dir, tmp_path):
     assert empty.any() and (pred["probs"][empty, ..., 1] > 0.5).any()
 
     # Volumes re-stacked and scored in 3-D, in mm; the reports of the evaluator.
-    writer = evaluation.make_writer(str(tmp_path))
+    writer = reports.make_writer(str(tmp_path))
     evals = {"SiteC": {"domain": "SiteC", "split": "test", "role": "target"}}
-    (res,) = evaluation.evaluate_domains(
+    (res,) = domains.evaluate_domains(
         wrapped, state, key, config, info, tfds_dir, mesh, "jit", evals, str(tmp_path), 7, writer
     ).values()
     writer.close()
@@ -442,12 +447,13 @@ def test_batchnorm_uses_running_statistics():
     import jax
     import optax
 
-    from puseg_jax import parallel, train
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax import parallel
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.train import steps
 
     config = make_config(**{"method": "erm", "parallel.num_devices": 1})
     info = get_dataset_info(config.data.name)
-    model = train.create_model(config, info)
+    model = steps.create_model(config, info)
     # Any parameters do; LLVM's optimisation of threefry dominates compiling a jitted init.
     init = jax.jit(
         functools.partial(model.init, train=False),
@@ -459,11 +465,11 @@ def test_batchnorm_uses_running_statistics():
     stats = jax.tree.map(
         lambda x: rng.uniform(0.5, 2.0, x.shape).astype(np.float32), variables["batch_stats"]
     )
-    state = train.TrainState.create(
+    state = steps.TrainState.create(
         apply_fn=model.apply, params=variables["params"], batch_stats=stats, tx=optax.sgd(0.1)
     )
     mesh = parallel.create_mesh(1)
-    step = functools.partial(train.eval_step, config=config, label_mode=info.label_mode)
+    step = functools.partial(steps.eval_step, config=config, label_mode=info.label_mode)
     p_eval_step = parallel.wrap_eval_step(step, mesh, "jit")
     replicated = parallel.replicate(state, mesh, "jit")
 
@@ -499,7 +505,7 @@ def test_batchnorm_uses_running_statistics():
 
 
 def test_reports_of_the_trained_workdir(tiny_workdir):
-    from puseg_jax import evaluation
+    from puseg_jax.evaluators import reports
 
     config = make_config()
     summary = _strict_json(os.path.join(tiny_workdir, "summary.json"))
@@ -523,7 +529,7 @@ def test_reports_of_the_trained_workdir(tiny_workdir):
         )
         with open(os.path.join(out, "per_case.csv")) as f:
             rows = list(csv.DictReader(f))
-        assert tuple(rows[0]) == evaluation.PER_CASE_COLUMNS
+        assert tuple(rows[0]) == reports.PER_CASE_COLUMNS
         assert len(rows) == 2 * dom["num_cases"]
         od = [float(r["dice"]) for r in rows if r["structure"] == "OD"]
         assert np.mean(od) == pytest.approx(dom["structures"]["OD"]["dice"]["mean"])
@@ -543,7 +549,7 @@ def test_reports_of_the_trained_workdir(tiny_workdir):
     final = [x for x in lines if "eval/Domain3/OD/dice" in x]
     assert final and final[-1]["eval/Domain3/OD/dice"] == summary["evals"]["Domain3"]["OD"]["dice"]
 
-    table = evaluation.format_table([dict(summary, method="erm"), summary])
+    table = reports.format_table([dict(summary, method="erm"), summary])
     body = table.splitlines()[2:]
     assert len(body) == 2 * len(summary["evals"])
     assert [line.split("|")[1].strip() for line in body] == ["erm"] * 3 + ["ours"] * 3
@@ -551,14 +557,14 @@ def test_reports_of_the_trained_workdir(tiny_workdir):
 
 
 def test_eval_only_reproduces_the_final_evaluation_on_one_device(tiny_workdir, tfds_dir, tmp_path):
-    from puseg_jax import train
+    from puseg_jax.train import trainer
 
     workdir = str(tmp_path / "copy")
     shutil.copytree(tiny_workdir, workdir)
     shutil.rmtree(os.path.join(workdir, "eval"))
     trained = _strict_json(os.path.join(tiny_workdir, "summary.json"))
     config = make_config(**{"data.data_dir": tfds_dir, "parallel.num_devices": 1})
-    summary = train.evaluate_only(config, workdir)
+    summary = trainer.evaluate_only(config, workdir)
     assert summary["step"] == trained["step"] == config.num_train_steps
     for name, ev in trained["evals"].items():
         for s in ("OD", "OC"):
@@ -584,8 +590,10 @@ def test_nifti_cases_are_scored_on_their_original_grid(shared_data, tmp_path):
 
     from data_builders.prostate import prostate_builder
     from data_builders.prostate.prostate import display_to_file, load_nifti_pair
-    from puseg_jax import evaluation, input_pipeline, metrics, parallel
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax import metrics, parallel
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.data import sources
+    from puseg_jax.evaluators import predict, scoring
 
     # The PROMISE12 case (128x128x64 voxels) as a one-case site: stored as 64 slices of
     # 384x384, predicted at 32x32, scored on 64 slices of 128x128 in mm.
@@ -606,24 +614,24 @@ def test_nifti_cases_are_scored_on_their_original_grid(shared_data, tmp_path):
     mesh = parallel.create_mesh(0)
     step = parallel.wrap_eval_step(_image_only_step(info.label_mode), mesh, "jit")
     state = parallel.replicate(jnp.zeros(()), mesh, "jit")
-    pred = evaluation.predict_split(
+    pred = predict.predict_split(
         step, state, jax.random.key(0), config, info, data_dir, mesh, "jit", "UCL", "train"
     )
     assert pred["probs"].shape == (64, 32, 32, 2) and pred["mask"].shape == (64, 32, 32)
     assert (pred["native_shape"] == 128).all()
 
-    ((case_id, idx),) = evaluation.group_cases(pred, volumetric=True)
-    probs, mask, spacing = evaluation.scored_case(pred, idx, info, "native")
+    ((case_id, idx),) = scoring.group_cases(pred, volumetric=True)
+    probs, mask, spacing = scoring.scored_case(pred, idx, info, "native")
     _, labels, zooms = load_nifti_pair(case / "Case00.nii.gz", case / "Case00_segmentation.nii.gz")
     assert probs.shape == (64, 128, 128, 2)
     np.testing.assert_array_equal(mask, labels.transpose(2, 0, 1))  # the unresized label
     np.testing.assert_allclose(spacing, [zooms[2], zooms[0], zooms[1]], rtol=1e-6)  # mm
 
-    res, (row,) = evaluation.score_split(
+    res, (row,) = scoring.score_split(
         pred, info, config, {"domain": "UCL", "split": "train", "role": "target"}, step=1
     )
     assert (res["distance"], res["distance_unit"]) == ("3-D, mm", "mm")
-    pm = evaluation.structure_masks(probs, info, config)[0]
+    pm = scoring.structure_masks(probs, info, config)[0]
     expected = metrics.compute_case_metrics(pm, mask == 1, spacing)
     assert row["prostate"] == pytest.approx(expected)
     assert row["num_slices"] == 64
@@ -635,6 +643,6 @@ def test_nifti_cases_are_scored_on_their_original_grid(shared_data, tmp_path):
     np.testing.assert_array_equal(display_to_file(labels, image) > 0, file_label)
 
     # Training reads no native mask: its PNG stays undecoded.
-    reader = input_pipeline.make_reader(info, config, "UCL", "train", data_dir)
+    reader = sources.make_reader(info, config, "UCL", "train", data_dir)
     assert "native_mask" not in reader(0)
     assert isinstance(reader.source[0]["native_mask"], bytes)

@@ -7,7 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from puseg_jax import experiments, losses
+from puseg_jax import experiments
+from puseg_jax.model import losses
+from puseg_jax.runs import stats, tables
+from puseg_jax.runs import suite as runs_suite
 
 
 def _fake_run(
@@ -26,7 +29,7 @@ def _fake_run(
     val_hd95=(3.0, 5.0),
 ):
     """A finished run: summary.json, eval/<target>/per_case.csv and wall_time.json."""
-    workdir = experiments.run_dir(root, "fundus", suite, target, variant or method, seed)
+    workdir = runs_suite.run_dir(root, "fundus", suite, target, variant or method, seed)
     (workdir / "eval" / target).mkdir(parents=True)
     summary = {
         "method": method,
@@ -77,9 +80,9 @@ def fake_suite(tmp_path):
 
 
 def test_aggregate_means_and_stds(fake_suite):
-    runs = experiments.collect(fake_suite, "fundus")
+    runs = tables.collect(fake_suite, "fundus")
     assert len(runs) == 5
-    rows = {(r["target"], r["variant"]): r for r in experiments.aggregate(runs)}
+    rows = {(r["target"], r["variant"]): r for r in tables.aggregate(runs)}
     erm = rows[("Domain1", "erm")]
     assert erm["seeds"] == [0, 1]
     mean, std, n = erm["stats"]["OD/dice"]
@@ -91,17 +94,17 @@ def test_aggregate_means_and_stds(fake_suite):
     single = rows[("Domain3", "ours")]
     assert single["stats"]["auroc_error"] == (0.8, 0.0, 1)
     # Method order follows losses.METHODS within a target.
-    ordered = [(r["target"], r["variant"]) for r in experiments.aggregate(runs)]
+    ordered = [(r["target"], r["variant"]) for r in tables.aggregate(runs)]
     assert ordered == [("Domain1", "erm"), ("Domain1", "ours"), ("Domain3", "ours")]
     # Restricting by seed or method.
-    assert len(experiments.collect(fake_suite, "fundus", seeds=[1])) == 2
-    assert len(experiments.collect(fake_suite, "fundus", variants=["erm"])) == 2
+    assert len(tables.collect(fake_suite, "fundus", seeds=[1])) == 2
+    assert len(tables.collect(fake_suite, "fundus", variants=["erm"])) == 2
     # Another suite (budget or layout) is never read.
-    assert experiments.collect(fake_suite, "fundus", suite="paper") == []
+    assert tables.collect(fake_suite, "fundus", suite="paper") == []
 
 
 def test_paired_comparison_by_hand(fake_suite):
-    paired = experiments.paired_comparison(experiments.collect(fake_suite, "fundus"))
+    paired = stats.paired_comparison(tables.collect(fake_suite, "fundus"))
     # Domain3 has no erm run: only Domain1 is compared.
     assert {p["target"] for p in paired} == {"Domain1"}
     od = next(p for p in paired if p["structure"] == "OD")
@@ -123,33 +126,33 @@ def test_hierarchical_bootstrap_counts_seeds():
     noise = rng.normal(0.0, 0.01, size=(3, cases))
     noise -= noise.mean(axis=1, keepdims=True)
     one_seed = noise + np.array([[0.0], [0.039], [0.0]])
-    lo, hi = experiments.hierarchical_bootstrap_interval(one_seed)
+    lo, hi = stats.hierarchical_bootstrap_interval(one_seed)
     assert lo <= 0.0 < hi, (lo, hi)
     # The bootstrap over seed-averaged cases (the old table) calls the same data certain.
-    lo_cases, _ = experiments.bootstrap_interval(one_seed.mean(axis=0))
+    lo_cases, _ = stats.bootstrap_interval(one_seed.mean(axis=0))
     assert lo_cases > 0.0
     # The same mean gain in every seed is found.
     every_seed = noise + 0.013
-    lo, hi = experiments.hierarchical_bootstrap_interval(every_seed)
+    lo, hi = stats.hierarchical_bootstrap_interval(every_seed)
     assert 0.0 < lo < 0.013 < hi
-    assert experiments.verdict((lo, hi)) == "better"
-    assert experiments.verdict((-0.02, -0.01)) == "worse"
-    assert experiments.verdict((-0.01, 0.02)) == "no difference shown"
+    assert stats.verdict((lo, hi)) == "better"
+    assert stats.verdict((-0.02, -0.01)) == "worse"
+    assert stats.verdict((-0.01, 0.02)) == "no difference shown"
     # One seed: the bootstrap over cases (same resampling scheme, same interval).
-    single = experiments.hierarchical_bootstrap_interval(every_seed[:1])
-    assert single == pytest.approx(experiments.bootstrap_interval(every_seed[0]), abs=2e-4)
+    single = stats.hierarchical_bootstrap_interval(every_seed[:1])
+    assert single == pytest.approx(stats.bootstrap_interval(every_seed[0]), abs=2e-4)
     with pytest.raises(ValueError, match="seeds, cases"):
-        experiments.hierarchical_bootstrap_interval(np.zeros(4))
+        stats.hierarchical_bootstrap_interval(np.zeros(4))
 
 
 def test_bootstrap_interval():
     values = np.random.default_rng(0).normal(1.0, 1.0, 400)
-    lo, hi = experiments.bootstrap_interval(values)
+    lo, hi = stats.bootstrap_interval(values)
     se = values.std(ddof=1) / np.sqrt(values.size)
     # The percentile interval of a mean of 400 values is close to the normal one.
     assert lo == pytest.approx(values.mean() - 1.96 * se, abs=0.25 * se)
     assert hi == pytest.approx(values.mean() + 1.96 * se, abs=0.25 * se)
-    assert experiments.bootstrap_interval(np.array([0.5, 0.5])) == (0.5, 0.5)
+    assert stats.bootstrap_interval(np.array([0.5, 0.5])) == (0.5, 0.5)
 
 
 def test_unpairable_runs_raise(fake_suite):
@@ -157,7 +160,7 @@ def test_unpairable_runs_raise(fake_suite):
     with open(path / "per_case.csv", "a", newline="") as f:
         csv.writer(f).writerow(["d", "OD", 0.5, 1, 1, False, False])
     with pytest.raises(ValueError, match="different cases"):
-        experiments.paired_comparison(experiments.collect(fake_suite, "fundus"))
+        stats.paired_comparison(tables.collect(fake_suite, "fundus"))
 
 
 def test_table_mode_writes_results(fake_suite, capsys):
@@ -228,8 +231,8 @@ def test_variants_are_compared_and_the_default_is_chosen_on_source_validation(tm
 
 def test_run_folders_name_everything_that_changes_the_computation(tmp_path):
     base = ["--config.data.data_dir=/d", "--config.data.manual_dir=/m"]
-    plain = experiments.plan_runs("fundus", ["ours"], ["Domain1"], [0], tmp_path, overrides=base)
-    lam = experiments.plan_runs(
+    plain = runs_suite.plan_runs("fundus", ["ours"], ["Domain1"], [0], tmp_path, overrides=base)
+    lam = runs_suite.plan_runs(
         "fundus",
         ["ours"],
         ["Domain1"],
@@ -237,19 +240,19 @@ def test_run_folders_name_everything_that_changes_the_computation(tmp_path):
         tmp_path,
         overrides=base + ["--config.loss.lambda_max=3", "--config.loss.highlight_terms=ce+unc"],
     )
-    paper = experiments.plan_runs(
+    paper = runs_suite.plan_runs(
         "fundus", ["ours"], ["Domain1"], [0], tmp_path, budget="paper", overrides=base
     )
-    nifti = experiments.plan_runs("prostate", ["ours"], ["HK"], [0], tmp_path, nifti=True)
+    nifti = runs_suite.plan_runs("prostate", ["ours"], ["HK"], [0], tmp_path, nifti=True)
     assert plain[0]["workdir"] == str(tmp_path / "fundus" / "cpu" / "Domain1" / "ours" / "seed0")
     assert lam[0]["variant"] == "ours__loss.highlight_terms=ce+unc__loss.lambda_max=3"
     assert paper[0]["workdir"] == str(tmp_path / "fundus" / "paper" / "Domain1" / "ours" / "seed0")
     assert "/prostate/cpu_nifti/HK/ours/seed0" in nifti[0]["workdir"]
     assert len({r[0]["workdir"] for r in (plain, lam, paper)}) == 3
     with pytest.raises(ValueError, match="set by the runner"):
-        experiments.variant_name("ours", ["--config.method=erm"])
+        runs_suite.variant_name("ours", ["--config.method=erm"])
     with pytest.raises(ValueError, match="--config.FIELD=VALUE"):
-        experiments.variant_name("ours", ["--loss.lambda_max=3"])
+        runs_suite.variant_name("ours", ["--loss.lambda_max=3"])
 
 
 def test_dry_run_plans_every_run_and_skips_finished_ones(tmp_path, capsys):
@@ -281,12 +284,12 @@ def test_dry_run_plans_every_run_and_skips_finished_ones(tmp_path, capsys):
     "family, budget, nifti", [("fundus", "cpu", False), ("prostate", "paper", True)]
 )
 def test_planned_configs_load_and_validate(tmp_path, family, budget, nifti):
-    from puseg_jax import train
+    from puseg_jax.train import config as train_config
 
-    runs = experiments.plan_runs(
+    runs = runs_suite.plan_runs(
         family,
         losses.METHODS,
-        experiments.FAMILIES[family]["targets"],
+        runs_suite.FAMILIES[family]["targets"],
         [0],
         tmp_path,
         budget=budget,
@@ -297,10 +300,10 @@ def test_planned_configs_load_and_validate(tmp_path, family, budget, nifti):
         arg = next(a for a in run["command"] if a.startswith("--config="))
         config = module.get_config(arg.split(":", 1)[1])
         config.method = run["method"]
-        train.validate_config(config)
+        train_config.validate_config(config)
         assert list(config.data.target_domains) == [run["target"]]
         assert run["target"] not in config.data.source_domains
-        roles = {n: e["role"] for n, e in train.resolve_evals(config).items()}
+        roles = {n: e["role"] for n, e in train_config.resolve_evals(config).items()}
         assert roles.pop(run["target"]) == "target"
         assert set(roles.values()) == {"source_val"}
         assert set(roles) == set(config.data.source_domains)
@@ -308,10 +311,10 @@ def test_planned_configs_load_and_validate(tmp_path, family, budget, nifti):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="Unknown method"):
-        experiments.plan_runs("fundus", ["nope"], ["Domain1"], [0], "/tmp")
+        runs_suite.plan_runs("fundus", ["nope"], ["Domain1"], [0], "/tmp")
     with pytest.raises(ValueError, match="Unknown target"):
-        experiments.plan_runs("fundus", ["erm"], ["RUNMC"], [0], "/tmp")
+        runs_suite.plan_runs("fundus", ["erm"], ["RUNMC"], [0], "/tmp")
     with pytest.raises(ValueError, match="prostate family only"):
-        experiments.plan_runs("fundus", ["erm"], ["Domain1"], [0], "/tmp", nifti=True)
+        runs_suite.plan_runs("fundus", ["erm"], ["Domain1"], [0], "/tmp", nifti=True)
     with pytest.raises(SystemExit):
         experiments.main(["fundus", "--bogus"])

@@ -53,7 +53,7 @@ def _hospital(shared_data, tmp_path, domain="Domain4", name="Hospital4") -> Path
 def _fake_workdir(tmp_path, family="fundus", step=7, **overrides) -> str:
     """config.json, summary.json and an (empty) checkpoint folder: enough for every check that
     runs before the model is restored."""
-    from puseg_jax import train
+    from puseg_jax.train import config as train_config
 
     if family in ("prostate", "prostate_slices"):
         overrides = {
@@ -64,7 +64,7 @@ def _fake_workdir(tmp_path, family="fundus", step=7, **overrides) -> str:
     config = test_config(**{"data.name": family, **overrides})
     workdir = tmp_path / f"fake_{family}"
     (workdir / "checkpoints" / "last" / str(step)).mkdir(parents=True)
-    (workdir / "config.json").write_text(json.dumps(train._config_json(config)))
+    (workdir / "config.json").write_text(json.dumps(train_config._config_json(config)))
     (workdir / "summary.json").write_text(json.dumps({"checkpoint": "last", "step": step}))
     return str(workdir)
 
@@ -73,10 +73,11 @@ def _cli(argv) -> dict:
     """The command line's flags as `evaluate_external` takes them (`main` also sets up the
     process-wide run log, which a test must not)."""
     from puseg_jax import evaluate
+    from puseg_jax.external import pipeline as external_pipeline
 
     args = vars(evaluate.parse_args(argv))
     assert args.pop("verbose") is False
-    return evaluate.evaluate_external(**args)
+    return external_pipeline.evaluate_external(**args)
 
 
 def _dice(a, b) -> float:
@@ -176,7 +177,7 @@ def test_prostate_test_only_site_with_and_without_labels(tmp_path):
 
 
 def test_qc_scores_on_a_constructed_case():
-    from puseg_jax import quality
+    from puseg_jax.evaluators import quality
 
     pm = np.zeros((2, 12, 12), bool)
     pm[0, 2:10, 2:10] = True  # 8x8 predicted
@@ -197,7 +198,7 @@ def test_qc_scores_on_a_constructed_case():
 
 
 def test_detection_quality_and_the_choice_on_given_cases():
-    from puseg_jax import quality
+    from puseg_jax.evaluators import quality
 
     d = quality.detection_quality([0.9, 0.8, 0.1, 0.2], [0.5, 0.6, 0.95, 0.92], 0.9)
     assert d == {"n": 4, "n_fail": 2, "auroc": 1.0, "spearman": -1.0}
@@ -232,8 +233,10 @@ def test_detection_quality_and_the_choice_on_given_cases():
 
 
 def test_fail_thresholds_and_review_order():
-    from puseg_jax import evaluate, quality
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax import evaluate
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import quality
+    from puseg_jax.external import qc as external_qc
 
     assert quality.fail_thresholds(0.8, ("OD", "OC")) == {"OD": 0.8, "OC": 0.8}
     assert quality.fail_thresholds({"OD": 0.9, "OC": 0.7}, ("OD", "OC")) == {"OD": 0.9, "OC": 0.7}
@@ -250,7 +253,7 @@ def test_fail_thresholds_and_review_order():
     ]
     sizes = {c: {"OD": 10, "OC": 2} for c in "abc"}
     dice = {"a": {"OD": 0.95, "OC": 0.85}, "b": {"OD": 0.9, "OC": 0.0}, "c": {"OD": 0.7, "OC": 0.9}}
-    rows = evaluate.review_rows(
+    rows = external_qc.review_rows(
         qc, "region_mean", sizes, "pixel", info, dice, {"OD": 0.9, "OC": 0.8}
     )
     assert [r["case_id"] for r in rows] == ["b", "c", "a"]  # an empty cup first
@@ -264,7 +267,7 @@ def test_fail_thresholds_and_review_order():
 
 
 def test_new_fundus_hospital_from_the_command_line(tiny_workdir, shared_data, tmp_path):
-    from puseg_jax import quality
+    from puseg_jax.evaluators import quality
 
     workdir = _copy_workdir(tiny_workdir, tmp_path)
     hospital = _hospital(shared_data, tmp_path)
@@ -335,13 +338,14 @@ def test_target_domain_as_a_folder_scores_as_the_target(tiny_workdir, tfds_dir, 
     0/128/255) and evaluated as a new hospital, gets the target evaluator's scores case by case:
     same checkpoint, same preprocessing, same post-processing."""
     from data_builders.fundus.fundus import MASK_VALUE_TO_CLASS
-    from puseg_jax import evaluate, input_pipeline
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.data import sources
+    from puseg_jax.external import pipeline as external_pipeline
 
     workdir = _copy_workdir(tiny_workdir, tmp_path)
     config = test_config(**{"data.data_dir": tfds_dir})
     info = get_dataset_info(config.data.name)
-    source = input_pipeline.load_source(
+    source = sources.load_source(
         info, "Domain3", "test", tfds_dir, config.data.build_kwargs.to_dict()
     )
     folder = tmp_path / "user" / "exported"
@@ -354,7 +358,7 @@ def test_target_domain_as_a_folder_scores_as_the_target(tiny_workdir, tfds_dir, 
         case = ex["case_id"].decode() if isinstance(ex["case_id"], bytes) else ex["case_id"]
         Image.fromarray(ex["image"]).save(folder / "test/ROIs/image" / f"{case}.png")
         Image.fromarray(value[ex["mask"][..., 0]]).save(folder / "test/ROIs/mask" / f"{case}.png")
-    evaluate.evaluate_external(workdir, folder)
+    external_pipeline.evaluate_external(workdir, folder)
 
     def scores(name):
         rows = _csv(os.path.join(workdir, "eval", name, "per_case.csv"))
@@ -413,7 +417,7 @@ def test_unlabelled_flat_folder(tiny_workdir, shared_data, tmp_path):
 
 
 def test_panel_without_labels_has_no_ground_truth_or_errors():
-    from puseg_jax import panels
+    from puseg_jax.drawing import panels
 
     image = np.zeros((16, 16, 3), np.float32)
     pred = np.zeros((2, 16, 16), bool)
@@ -429,8 +433,8 @@ def test_panel_without_labels_has_no_ground_truth_or_errors():
 
 def test_unlabelled_masks_are_never_scored():
     """255 (`UNLABELLED_MASK_VALUE`) is no class: scoring it, on either grid, is an error."""
-    from puseg_jax import evaluation
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
 
     info = get_dataset_info("fundus")
     n, size = 2, 8
@@ -448,17 +452,17 @@ def test_unlabelled_masks_are_never_scored():
     pred["native_mask"] = np.empty(n, object)
     for i in range(n):
         pred["native_mask"][i] = np.full((12, 12), common.UNLABELLED_MASK_VALUE, np.uint8)
-    for resolution in evaluation.RESOLUTIONS:
+    for resolution in scoring.RESOLUTIONS:
         config = test_config(**{"eval.resolution": resolution})
         with pytest.raises(ValueError, match="without labels"):
-            evaluation.score_cases(pred, info, config, full=True)
+            scoring.score_cases(pred, info, config, full=True)
 
 
 def test_fundus_prediction_is_pasted_back_into_the_whole_image(tmp_path):
     """The network saw the centre crop: the written mask and uncertainty have the image's size,
     the prediction inside the crop window, background and U = 0 outside."""
-    from puseg_jax import evaluate
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.external import writers
 
     path = tmp_path / "wide.png"
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(path)
@@ -467,7 +471,7 @@ def test_fundus_prediction_is_pasted_back_into_the_whole_image(tmp_path):
     masks[1, 5:15, 5:15] = True  # cup in its middle
     u = np.full((20, 20), 0.5, np.float32)
     info = get_dataset_info("fundus")
-    written = evaluate.write_fundus_case(masks, u, path, 20, info, str(tmp_path), "wide")
+    written = writers.write_fundus_case(masks, u, path, 20, info, str(tmp_path), "wide")
     mask = np.asarray(Image.open(tmp_path / "wide_pred.png"))
     unc = np.asarray(Image.open(tmp_path / "wide_uncertainty.png"))
     assert mask.shape == unc.shape == (30, 40)
@@ -480,7 +484,7 @@ def test_fundus_prediction_is_pasted_back_into_the_whole_image(tmp_path):
     assert mask[15, 20] == 0 and mask[6, 11] == 128  # cup at the centre, rim at the edge
     assert written["size"]["OD"] == 400 and written["size"]["OC"] == int((mask == 0).sum()) == 100
     with pytest.raises(ValueError, match="native grid"):  # a prediction of another grid
-        evaluate.write_fundus_case(masks[:, :10], u, path, 20, info, str(tmp_path), "wide")
+        writers.write_fundus_case(masks[:, :10], u, path, 20, info, str(tmp_path), "wide")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +493,8 @@ def test_fundus_prediction_is_pasted_back_into_the_whole_image(tmp_path):
 
 def _perfect_predictions(ext, info, config, data_dir, uncertainty: float = 0.25):
     """`predict_split`'s output with the model replaced by the ground truth at the network grid."""
-    from puseg_jax import evaluate, input_pipeline
+    from puseg_jax.data import pipeline as data_pipeline
+    from puseg_jax.external import folders
 
     keys = (
         "mask",
@@ -503,8 +508,8 @@ def _perfect_predictions(ext, info, config, data_dir, uncertainty: float = 0.25)
         "native_mask",
     )
     rows = {k: [] for k in keys}
-    for batch in input_pipeline.eval_batches(
-        info, config, evaluate.DOMAIN, evaluate.SPLIT, data_dir, 4, native_masks=True
+    for batch in data_pipeline.eval_batches(
+        info, config, folders.DOMAIN, folders.SPLIT, data_dir, 4, native_masks=True
     ):
         for k in keys:
             rows[k].append(batch[k][batch["valid"]])
@@ -515,18 +520,18 @@ def _perfect_predictions(ext, info, config, data_dir, uncertainty: float = 0.25)
 
 
 def _nifti_round_trip(folder, tmp_path, image_size):
-    from puseg_jax import evaluate
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.external import folders, writers
 
     info = get_dataset_info("prostate")
     config = test_config(**{"data.name": "prostate", "data.image_size": image_size})
-    ext = evaluate.find_external_data(folder, "prostate")
+    ext = folders.find_external_data(folder, "prostate")
     assert ext.labels and ext.layout == "nifti"
     data_dir = str(tmp_path / "tfds")
-    ext_info, ext_config = evaluate.prepare_external(ext, info, config, data_dir)
+    ext_info, ext_config = folders.prepare_external(ext, info, config, data_dir)
     pred = _perfect_predictions(ext, ext_info, ext_config, data_dir)
     out = str(tmp_path / "out")
-    written = evaluate.write_native_predictions(pred, ext, ext_info, ext_config, out)
+    written = writers.write_native_predictions(pred, ext, ext_info, ext_config, out)
     return written, out
 
 
@@ -585,68 +590,68 @@ def test_nifti_prediction_keeps_any_orientation(tmp_path, axes):
 
 
 def test_bad_folders(tmp_path, shared_data):
-    from puseg_jax import evaluate
+    from puseg_jax.external import pipeline as external_pipeline
 
     workdir = _fake_workdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        evaluate.evaluate_external(workdir, tmp_path / "nowhere")
+        external_pipeline.evaluate_external(workdir, tmp_path / "nowhere")
     empty = tmp_path / "user" / "empty"
     empty.mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="DoFE layout"):
-        evaluate.evaluate_external(workdir, empty)
+        external_pipeline.evaluate_external(workdir, empty)
     # Masks were promised (a mask folder) but one is missing.
     hospital = _hospital(shared_data, tmp_path)
     missing = next((hospital / "test/ROIs/mask").iterdir())
     missing.unlink()
     with pytest.raises(common.DataError, match=f"image without mask: .*{missing.name}"):
-        evaluate.evaluate_external(workdir, hospital)
+        external_pipeline.evaluate_external(workdir, hospital)
     unlabelled = tmp_path / "user" / "flat"
     (unlabelled / "image").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="labels='yes'"):
-        evaluate.evaluate_external(workdir, unlabelled, labels="yes")
+        external_pipeline.evaluate_external(workdir, unlabelled, labels="yes")
     with pytest.raises(common.DataError, match="center_crop"):
-        evaluate.evaluate_external(workdir, hospital, labels="no", center_crop=600)
+        external_pipeline.evaluate_external(workdir, hospital, labels="no", center_crop=600)
     both = tmp_path / "user" / "both"
     (both / "image").mkdir(parents=True)
     (both / "test" / "ROIs" / "image").mkdir(parents=True)
     with pytest.raises(common.DataError, match="keep one layout"):
-        evaluate.evaluate_external(workdir, both)
+        external_pipeline.evaluate_external(workdir, both)
     assert not os.path.exists(os.path.join(workdir, "eval"))  # all refused before any writing
 
 
 def test_bad_workdirs_and_names(tmp_path, shared_data):
-    from puseg_jax import evaluate
+    from puseg_jax.external import pipeline as external_pipeline
 
     hospital = _hospital(shared_data, tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        evaluate.evaluate_external(str(tmp_path / "nowhere"), hospital)
+        external_pipeline.evaluate_external(str(tmp_path / "nowhere"), hospital)
     unknown = _fake_workdir(tmp_path)
     cfg = json.loads(Path(unknown, "config.json").read_text())
     cfg["data"]["name"] = "retina_oct"
     Path(unknown, "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="Unknown dataset 'retina_oct'"):
-        evaluate.evaluate_external(unknown, hospital)
+        external_pipeline.evaluate_external(unknown, hospital)
 
     workdir = _fake_workdir(tmp_path, "synth_fundus")
     shutil.rmtree(os.path.join(workdir, "checkpoints"))
     with pytest.raises(FileNotFoundError, match="holds steps"):
-        evaluate.evaluate_external(workdir, hospital)
+        external_pipeline.evaluate_external(workdir, hospital)
     os.remove(os.path.join(workdir, "summary.json"))
     with pytest.raises(FileNotFoundError, match="has not finished"):
-        evaluate.evaluate_external(workdir, hospital)
+        external_pipeline.evaluate_external(workdir, hospital)
 
     workdir = _fake_workdir(tmp_path, "fundus", step=3)
     with pytest.raises(ValueError, match=r"evaluator of .* \(role target\)"):
-        evaluate.evaluate_external(workdir, hospital, name="Domain3")
+        external_pipeline.evaluate_external(workdir, hospital, name="Domain3")
     with pytest.raises(ValueError, match="--name"):
-        evaluate.evaluate_external(workdir, hospital, name="../elsewhere")
+        external_pipeline.evaluate_external(workdir, hospital, name="../elsewhere")
     with pytest.raises(ValueError, match="qc_score"):
-        evaluate.evaluate_external(workdir, hospital, qc_score="vibes")
+        external_pipeline.evaluate_external(workdir, hospital, qc_score="vibes")
 
 
 def test_a_run_older_than_some_config_fields_is_read_with_their_defaults(tmp_path, capsys):
     from configs import default
-    from puseg_jax import evaluate
+    from puseg_jax.external import pipeline as external_pipeline
 
     workdir = _fake_workdir(tmp_path)
     path = Path(workdir, "config.json")
@@ -654,14 +659,14 @@ def test_a_run_older_than_some_config_fields_is_read_with_their_defaults(tmp_pat
     del saved["loss"]["highlight_terms"]  # a field added after the run was trained
     saved["loss"]["alpha"] = 0.5  # and one the run set itself
     path.write_text(json.dumps(saved))
-    config = evaluate.load_run_config(workdir)
+    config = external_pipeline.load_run_config(workdir)
     assert config.loss.highlight_terms == default.get_config().loss.highlight_terms
     assert config.loss.alpha == 0.5 and config.data.name == "fundus"
     assert "taken at their defaults: loss.highlight_terms" in capsys.readouterr().out
 
 
 def test_wrong_nifti_pairs_leave_nothing(tmp_path):
-    from puseg_jax import evaluate
+    from puseg_jax.external import pipeline as external_pipeline
 
     workdir = _fake_workdir(tmp_path, "prostate")
     site = tmp_path / "user" / "site"
@@ -674,21 +679,21 @@ def test_wrong_nifti_pairs_leave_nothing(tmp_path):
     save("Case01.nii.gz", dtype=np.float32)
     save("Case00_segmentation.nii.gz")
     with pytest.raises(common.DataError, match="image without mask: .*Case01"):
-        evaluate.evaluate_external(workdir, site)
+        external_pipeline.evaluate_external(workdir, site)
     (site / "Case01.nii.gz").rename(site / "Case02.nii.gz")
     save("Case02_segmentation.nii.gz")
     save("Case03_segmentation.nii.gz")
     with pytest.raises(common.DataError, match="mask without image: .*Case03"):
-        evaluate.evaluate_external(workdir, site)
+        external_pipeline.evaluate_external(workdir, site)
     (site / "Case03_segmentation.nii.gz").unlink()
     # Paired by name, but of another shape: found while building, after the staging folder
     # exists; nothing is left behind.
     save("Case02_segmentation.nii.gz", shape=(8, 9, 3))
     with pytest.raises(common.DataError, match="shapes differ"):
-        evaluate.evaluate_external(workdir, site)
+        external_pipeline.evaluate_external(workdir, site)
     assert os.listdir(os.path.join(workdir, "eval")) == []
     with pytest.raises(common.DataError, match="No NIfTI volumes"):
-        evaluate.evaluate_external(workdir, tmp_path / "user")
+        external_pipeline.evaluate_external(workdir, tmp_path / "user")
 
 
 def test_nifti_folder_end_to_end(tmp_path):
@@ -697,7 +702,9 @@ def test_nifti_folder_end_to_end(tmp_path):
     run writes; the folder holds one non-canonical volume with slices that are not square."""
     import jax
 
-    from puseg_jax import checkpointing, evaluate, train
+    from puseg_jax.external import pipeline as external_pipeline
+    from puseg_jax.train import checkpoints, steps
+    from puseg_jax.train import config as train_config
 
     config = test_config(
         **{
@@ -707,17 +714,17 @@ def test_nifti_folder_end_to_end(tmp_path):
             "data.context_slices": 1,
         }
     )
-    info = train.validate_config(config)
-    model = train.create_model(config, info)
-    dummy = np.zeros((1, 32, 32, train.input_channels(config, info)), np.float32)
+    info = train_config.validate_config(config)
+    model = steps.create_model(config, info)
+    dummy = np.zeros((1, 32, 32, steps.input_channels(config, info)), np.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(s.dtype), shapes["params"])
     stats = {k: v for k, v in shapes.items() if k == "batch_stats"}["batch_stats"]
     stats = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), stats)  # mean 1, var 1
     workdir = tmp_path / "run"
-    ckpts = checkpointing.Checkpoints(str(workdir))
-    cfg_json = train._config_json(config)
+    ckpts = checkpoints.Checkpoints(str(workdir))
+    cfg_json = train_config._config_json(config)
     state = {"step": np.int32(0), "params": params, "batch_stats": stats}
     ckpts.save(0, state, {"data_state": {}, "counters": {}}, cfg_json)
     ckpts.close()
@@ -729,7 +736,7 @@ def test_nifti_folder_end_to_end(tmp_path):
     affine = np.diag([-0.8, 0.7, 3.0, 1.0])[:, [1, 0, 2, 3]]  # axes (A, L, S)
     volume = rng.random((20, 24, 5)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, affine), folder / "Case11.nii")
-    res = evaluate.evaluate_external(str(workdir), folder)
+    res = external_pipeline.evaluate_external(str(workdir), folder)
     out = workdir / "eval" / "site"
     assert not res["scored"] and res["num_cases"] == 1 and res["num_examples"] == 5
     image = nib.load(folder / "Case11.nii")

@@ -8,68 +8,103 @@ from tests import conftest
 
 PACKAGE = conftest.REPO / "puseg_jax"
 
-# Import layers, lowest first: a module may import from its own layer and the ones below only.
-# docs/architecture.md draws the same picture; a new module is placed in both.
+# Import layers of the sub-packages (and top-level modules), lowest first: a module may import
+# from its own layer and the ones below only. docs/architecture.md draws the same picture; a new
+# sub-package is placed in both.
 LAYERS = {
-    # Leaves: plain arrays, files and text.
-    "datasets": 0,
+    # Leaves: plain arrays, files and text; drawing knows nothing of the package.
+    "core": 0,
     "metrics": 0,
-    "resample": 0,
-    "config_diff": 0,
-    "conv_ops": 0,
-    "logging_utils": 0,
-    "panels": 0,
-    # Data; model, losses, devices, checkpoints.
-    "prepare": 1,
-    "input_pipeline": 1,
-    "models": 1,
-    "losses": 1,
+    "drawing": 0,
+    # Data; the model, its convolutions and losses; devices.
+    "data": 1,
+    "model": 1,
     "parallel": 1,
-    "checkpointing": 1,
     # Evaluation: predict, score, report (uses the drawing leaf); per-case quality control.
-    "evaluation": 2,
-    "quality": 2,
-    # The training loop and its steps.
+    "evaluators": 2,
+    # The config checks, the steps, the training loop and its checkpoints.
     "train": 3,
-    # Reading finished runs: tables, the notebook's helpers.
-    "report": 4,
-    "inspect_utils": 4,
+    # Reading and running finished runs; a trained run on a new hospital's folder.
+    "runs": 4,
+    "external": 4,
     # Command lines.
     "main": 5,
+    "evaluate": 5,
     "visualize": 5,
     "experiments": 5,
-    "evaluate": 5,
+    "report": 5,
 }
 
 
-def module_imports(path) -> set[str]:
+def module_name(path) -> str:
+    """'core.datasets' for puseg_jax/core/datasets.py; 'metrics' for its __init__.py."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def all_modules() -> dict[str, object]:
+    """Every module of the package (recursively) by name, the package's own __init__ left out."""
+    return {
+        module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p != PACKAGE / "__init__.py"
+    }
+
+
+def module_imports(path, modules) -> set[str]:
     """The puseg_jax modules a file imports, at module level or inside functions."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    return source_imports(path.read_text(), module_name(path), path.name == "__init__.py", modules)
+
+
+def source_imports(source: str, name: str, is_package: bool, modules) -> set[str]:
+    """The puseg_jax modules the source of module `name` imports."""
+
+    def resolve(dotted: str, names: list[str]) -> set[str]:
+        # `from puseg_jax.<dotted> import <names>`: a name is a module when one is called so.
+        found = {f"{dotted}.{n}" if dotted else n for n in names}
+        found = {m for m in found if m in modules}
+        if dotted and (not found or len(found) < len(names)) and dotted in modules:
+            found.add(dotted)
+        return found
+
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from . import x / from .x import y
-                parts = (node.module or "").split(".") if node.module else []
-                names = parts[:1] if parts else [a.name for a in node.names]
+            names = [a.name for a in node.names]
+            if node.level:  # relative: resolved against this module's package
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                dotted = ".".join(base + ([node.module] if node.module else []))
+                out |= resolve(dotted, names)
             elif node.module == "puseg_jax":
-                names = [a.name for a in node.names]
+                out |= resolve("", names)
             elif node.module and node.module.startswith("puseg_jax."):
-                names = [node.module.split(".")[1]]
-            else:
-                names = []
-            out |= {n for n in names if n in modules}
+                out |= resolve(node.module[len("puseg_jax.") :], names)
         elif isinstance(node, ast.Import):
             for a in node.names:
-                parts = a.name.split(".")
-                if parts[0] == "puseg_jax" and len(parts) > 1 and parts[1] in modules:
-                    out.add(parts[1])
+                if a.name.startswith("puseg_jax."):
+                    dotted = a.name[len("puseg_jax.") :]
+                    if dotted in modules:
+                        out.add(dotted)
     return out
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {
-        p.stem: module_imports(p) - {p.stem} for p in PACKAGE.glob("*.py") if p.stem != "__init__"
-    }
+    """Module -> the package's modules it imports (itself left out)."""
+    modules = all_modules()
+    return {m: module_imports(p, modules) - {m} for m, p in modules.items()}
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[0]
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Sub-package (or top-level module) -> those it imports, imports within one left out."""
+    out: dict[str, set[str]] = {package_of(m): set() for m in graph}
+    for m, deps in graph.items():
+        out[package_of(m)] |= {package_of(n) for n in deps} - {package_of(m)}
+    return out
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -113,25 +148,62 @@ def test_find_cycle_finds_the_cycle_that_was():
     assert find_cycle(graph) is None
 
 
-def test_no_import_cycle_in_the_package():
+def test_source_imports_resolves_modules_and_packages():
+    modules = {"core.datasets", "metrics", "metrics.overlap", "runs.workdir", "train"}
+    source = (
+        "from puseg_jax import metrics\n"
+        "from puseg_jax.core import datasets\n"
+        "def f():\n"
+        "    from puseg_jax.metrics.overlap import compute_dice\n"
+        "    import puseg_jax.core.datasets\n"
+        "from .workdir import x\n"
+    )
+    found = source_imports(source, "runs.example", False, modules)
+    assert found == {"metrics", "core.datasets", "metrics.overlap", "runs.workdir"}
+
+
+def test_no_import_cycle_among_modules_or_packages():
     graph = import_graph()
-    assert "evaluation" in graph and "panels" in graph["evaluation"]
+    assert "evaluators.case_panels" in graph["evaluators.reports"]
+    assert "drawing.panels" in graph["evaluators.case_panels"]
     cycle = find_cycle(graph)
-    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+    assert cycle is None, "import cycle between modules: " + " -> ".join(cycle)
+    cycle = find_cycle(package_graph(graph))
+    assert cycle is None, "import cycle between sub-packages: " + " -> ".join(cycle)
 
 
 def test_imports_run_down_the_layers():
     graph = import_graph()
-    unplaced = sorted(set(graph) - set(LAYERS))
+    packages = package_graph(graph)
+    unplaced = sorted(set(packages) - set(LAYERS))
     assert not unplaced, f"place {unplaced} in LAYERS here and in docs/architecture.md"
     upward = [
-        f"{m} (layer {LAYERS[m]}) imports {n} (layer {LAYERS[n]})"
+        f"{m} (layer {LAYERS[package_of(m)]}) imports {n} (layer {LAYERS[package_of(n)]})"
         for m, deps in graph.items()
         for n in deps
-        if LAYERS[n] > LAYERS[m]
+        if LAYERS[package_of(n)] > LAYERS[package_of(m)]
     ]
     assert not upward, upward
-    assert not graph["panels"], "panels is a leaf: drawing knows nothing of the package"
+    assert not packages["drawing"], "drawing is a leaf: it knows nothing of the package"
+
+
+def test_train_package_imports_without_the_loop():
+    # The config checks are used by the notebook's helpers and `evaluate`: importing them must
+    # not load the training loop (and with it the data pipeline and the evaluators' reports).
+    script = (
+        "import sys\n"
+        "import puseg_jax.train.config\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('puseg_jax.train.'))\n"
+        "assert loaded == ['puseg_jax.train.config'], loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=conftest.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_module_imports_alone():
@@ -152,6 +224,7 @@ def test_every_module_imports_alone():
         "sys.exit(1 if failed else 0)\n"
     )
     names = sorted(import_graph())
+    assert len(names) > 40 and "evaluators.scoring" in names and "metrics" in names
     result = subprocess.run(
         [sys.executable, "-c", script, *names],
         cwd=conftest.REPO,

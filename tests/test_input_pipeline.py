@@ -10,8 +10,8 @@ PROSTATE_KWARGS = {"num_train": 2, "num_test": 2, "num_slices": 6, "size": 32}
 
 
 def _fundus(tfds_dir, **overrides):
-    from puseg_jax import prepare
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.data import prepare
 
     config = make_config(**{"data.data_dir": tfds_dir, **overrides})
     info = get_dataset_info(config.data.name)
@@ -37,20 +37,20 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_order_is_a_function_of_the_seed(tfds_dir):
-    from puseg_jax import input_pipeline
+    from puseg_jax.data import pipeline
 
     config, info = _fundus(tfds_dir)
-    ds = input_pipeline.train_dataset(info, config, tfds_dir)
-    again = input_pipeline.train_dataset(info, config, tfds_dir)
+    ds = pipeline.train_dataset(info, config, tfds_dir)
+    again = pipeline.train_dataset(info, config, tfds_dir)
     config1, _ = _fundus(tfds_dir, seed=1)
-    other = input_pipeline.train_dataset(info, config1, tfds_dir)
+    other = pipeline.train_dataset(info, config1, tfds_dir)
     for step in range(3):
         assert _same(ds[step], again[step])
         assert not np.array_equal(ds[step]["image"], other[step]["image"])
     # Without augmentation an image names its record: each epoch (16 positions, 8 records per
     # domain) visits every record once, in a fresh order.
     config.augment.enabled = False
-    plain = input_pipeline.train_dataset(info, config, tfds_dir)
+    plain = pipeline.train_dataset(info, config, tfds_dir)
     epochs = [np.concatenate([plain[2 * e + i]["image"] for i in range(2)]) for e in range(2)]
     assert len({x.tobytes() for x in epochs[0]}) == 16
     assert {x.tobytes() for x in epochs[0]} == {x.tobytes() for x in epochs[1]}
@@ -61,17 +61,17 @@ def test_order_is_a_function_of_the_seed(tfds_dir):
 def test_resumed_iterator_sees_the_same_batches(tfds_dir, num_workers):
     from absl import flags
 
-    from puseg_jax import input_pipeline
+    from puseg_jax.data import pipeline
 
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     config, info = _fundus(tfds_dir, **{"data.num_workers": num_workers})
-    ds = input_pipeline.train_dataset(info, config, tfds_dir)
-    it = input_pipeline.make_train_iterator(ds, config)
+    ds = pipeline.train_dataset(info, config, tfds_dir)
+    it = pipeline.make_train_iterator(ds, config)
     for _ in range(2):
         next(it)
     state = it.get_state()
     expected = [next(it) for _ in range(2)]
-    resumed = input_pipeline.make_train_iterator(ds, config)
+    resumed = pipeline.make_train_iterator(ds, config)
     resumed.set_state(state)
     for batch, want in zip([next(resumed) for _ in range(2)], expected, strict=True):
         assert _same(batch, want)
@@ -80,16 +80,16 @@ def test_resumed_iterator_sees_the_same_batches(tfds_dir, num_workers):
 
 
 def test_domains_are_mixed_by_weight(tfds_dir):
-    from puseg_jax import input_pipeline
+    from puseg_jax.data import pipeline
 
     for weights, expected in [((), 0.5), ((3.0, 1.0), 0.75)]:
         config, info = _fundus(tfds_dir, **{"data.domain_weights": weights})
-        ds = input_pipeline.train_dataset(info, config, tfds_dir)
+        ds = pipeline.train_dataset(info, config, tfds_dir)
         domains = np.concatenate([ds[i]["domain"] for i in range(8)])
         assert abs(np.mean(domains == "Domain1") - expected) <= 1 / 16
     config, info = _fundus(tfds_dir, **{"data.domain_weights": (1.0,)})
     with pytest.raises(ValueError, match="one positive weight per source domain"):
-        input_pipeline.train_dataset(info, config, tfds_dir)
+        pipeline.train_dataset(info, config, tfds_dir)
 
 
 def _no_geometry(config):
@@ -101,16 +101,16 @@ def _no_intensity(config):
 
 
 def test_augmentation_moves_image_and_mask_together_and_intensity_only_the_image(tfds_dir):
-    from puseg_jax import input_pipeline
+    from puseg_jax.data import sources, transforms
 
     config, info = _fundus(tfds_dir, **{"data.normalize": "unit"})
-    reader = input_pipeline.make_reader(info, config, "Domain1", "train", tfds_dir)
+    reader = sources.make_reader(info, config, "Domain1", "train", tfds_dir)
     examples = [reader(i) for i in range(len(reader))]
-    plain = [input_pipeline.preprocess(ex, config, None) for ex in examples]
+    plain = [transforms.preprocess(ex, config, None) for ex in examples]
     rng = np.random.default_rng(0)
 
     # Full augmentation: mask values stay class indices present in the label, and it moves.
-    augmented = [input_pipeline.preprocess(ex, config, rng) for ex in examples]
+    augmented = [transforms.preprocess(ex, config, rng) for ex in examples]
     for a, p in zip(augmented, plain, strict=True):
         assert set(np.unique(a["mask"])) <= set(np.unique(p["mask"]))
     assert any(
@@ -120,7 +120,7 @@ def test_augmentation_moves_image_and_mask_together_and_intensity_only_the_image
     # Intensity only: the mask is untouched, the image changes.
     _no_geometry(config)
     for ex, p in zip(examples, plain, strict=True):
-        a = input_pipeline.preprocess(ex, config, rng)
+        a = transforms.preprocess(ex, config, rng)
         assert np.array_equal(a["mask"], p["mask"])
         assert not np.allclose(a["image"], p["image"])
 
@@ -128,8 +128,8 @@ def test_augmentation_moves_image_and_mask_together_and_intensity_only_the_image
     config, _ = _fundus(tfds_dir)
     _no_geometry(config)
     config.augment.update(contrast=0.0, gamma=0.0, noise_std=0.0)
-    a = input_pipeline.preprocess(examples[0], config, rng)
-    shift = a["image"] - input_pipeline.preprocess(examples[0], config, None)["image"]
+    a = transforms.preprocess(examples[0], config, rng)
+    shift = a["image"] - transforms.preprocess(examples[0], config, None)["image"]
     assert np.abs(shift).min() > 1e-3 and np.allclose(shift, shift[:1, :1], atol=1e-5)
 
     # Geometry only, on an image that is the mask drawn in grey: image and mask move together.
@@ -138,16 +138,16 @@ def test_augmentation_moves_image_and_mask_together_and_intensity_only_the_image
     agree = []
     for ex in examples:
         drawn = dict(ex, image=np.repeat(ex["mask"] * 100, 3, axis=-1).astype(np.uint8))
-        a = input_pipeline.preprocess(drawn, config, rng)
+        a = transforms.preprocess(drawn, config, rng)
         agree.append(np.mean(np.rint(a["image"][..., 0] * 255 / 100) == a["mask"]))
     # Bilinear resampling blends values only along the label boundaries.
     assert min(agree) > 0.9
 
 
 def test_two_and_a_half_d_stacks_neighbours_repeating_edge_slices(tfds_dir):
-    from puseg_jax import input_pipeline
+    from puseg_jax.data import pipeline, sources
 
-    assert input_pipeline.neighbour_records({("c", 2): 0, ("c", 3): 1, ("c", 5): 2}, "c", 3, 2) == [
+    assert sources.neighbour_records({("c", 2): 0, ("c", 3): 1, ("c", 5): 2}, "c", 3, 2) == [
         0,
         0,
         1,
@@ -155,8 +155,8 @@ def test_two_and_a_half_d_stacks_neighbours_repeating_edge_slices(tfds_dir):
         2,
     ]
     config, info = _prostate(tfds_dir, **{"data.context_slices": 1})
-    reader = input_pipeline.make_reader(info, config, "SiteA", "train", tfds_dir)
-    source = input_pipeline.load_source(info, "SiteA", "train", tfds_dir, PROSTATE_KWARGS)
+    reader = sources.make_reader(info, config, "SiteA", "train", tfds_dir)
+    source = sources.load_source(info, "SiteA", "train", tfds_dir, PROSTATE_KWARGS)
     images = {
         (str(source[i]["case_id"], "utf-8"), int(source[i]["slice_index"])): source[i]["image"]
         for i in range(len(source))
@@ -167,19 +167,17 @@ def test_two_and_a_half_d_stacks_neighbours_repeating_edge_slices(tfds_dir):
         assert ex["image"].shape[-1] == 3
         for c, neighbour in enumerate((max(s - 1, 0), s, min(s + 1, n - 1))):
             assert np.array_equal(ex["image"][..., c], images[(case, neighbour)][..., 0])
-    eval_batch = next(
-        input_pipeline.eval_batches(info, config, "SiteA", "train", tfds_dir, batch_size=4)
-    )
+    eval_batch = next(pipeline.eval_batches(info, config, "SiteA", "train", tfds_dir, batch_size=4))
     assert eval_batch["image"].shape == (4, 32, 32, 3)
 
 
 def test_eval_batches_yield_every_example_once_padded_with_valid(tfds_dir):
-    from puseg_jax import input_pipeline
+    from puseg_jax.data import pipeline, sources
 
     config, info = _prostate(tfds_dir)
-    n = len(input_pipeline.load_source(info, "SiteC", "test", tfds_dir, PROSTATE_KWARGS))
+    n = len(sources.load_source(info, "SiteC", "test", tfds_dir, PROSTATE_KWARGS))
     assert n % 8  # the last batch is partial
-    batches = list(input_pipeline.eval_batches(info, config, "SiteC", "test", tfds_dir, 8))
+    batches = list(pipeline.eval_batches(info, config, "SiteC", "test", tfds_dir, 8))
     assert len(batches) == -(-n // 8)
     for b in batches:
         assert all(len(v) == 8 for v in b.values())
@@ -194,18 +192,18 @@ def test_eval_batches_yield_every_example_once_padded_with_valid(tfds_dir):
     }
     assert len(keys) == n
     # The ground truth on each example's native grid (here the stored 32x32 slices) rides along.
-    (first,) = list(input_pipeline.eval_batches(info, config, "SiteC", "test", tfds_dir, n, True))
+    (first,) = list(pipeline.eval_batches(info, config, "SiteC", "test", tfds_dir, n, True))
     assert first["native_mask"].dtype == object and first["native_mask"][0].shape == (32, 32)
     np.testing.assert_array_equal(np.stack(list(first["native_mask"])), first["mask"])
     assert (first["native_shape"] == 32).all() and first["native_spacing"].shape == (n, 3)
 
 
 def test_process_shards_concatenate_to_the_global_batch(tfds_dir):
-    from puseg_jax import input_pipeline
+    from puseg_jax.data import pipeline
 
     config, info = _fundus(tfds_dir)
-    whole = input_pipeline.train_dataset(info, config, tfds_dir)
-    parts = [input_pipeline.train_dataset(info, config, tfds_dir, p, 2) for p in range(2)]
+    whole = pipeline.train_dataset(info, config, tfds_dir)
+    parts = [pipeline.train_dataset(info, config, tfds_dir, p, 2) for p in range(2)]
     for step in range(3):
         local = [part[step] for part in parts]
         assert all(len(b["image"]) == config.batch_size // 2 for b in local)
@@ -218,7 +216,7 @@ def test_epoch_shuffle_is_thread_safe_and_picklable():
     import pickle
     from concurrent.futures import ThreadPoolExecutor
 
-    from puseg_jax.input_pipeline import EpochShuffle
+    from puseg_jax.data.pipeline import EpochShuffle
 
     shuffle = EpochShuffle(num_records=7, seed=3)
     positions = list(range(7 * 40)) * 3

@@ -26,13 +26,14 @@ SMALL = {"model.widths": (4, 8), "data.image_size": 16, "loss.num_samples": 2}
 def _setup(**overrides):
     import jax
 
-    from puseg_jax import train
+    from puseg_jax.train import config as train_config
+    from puseg_jax.train import steps
 
     config = make_config(**{**SMALL, **overrides})
-    info = train.validate_config(config)
-    model = train.create_model(config, info)
-    host_state = jax.device_get(train.create_train_state(config, info, model, jax.random.key(0)))
-    step_fn = functools.partial(train.train_step, config=config, label_mode=info.label_mode)
+    info = train_config.validate_config(config)
+    model = steps.create_model(config, info)
+    host_state = jax.device_get(steps.create_train_state(config, info, model, jax.random.key(0)))
+    step_fn = functools.partial(steps.train_step, config=config, label_mode=info.label_mode)
     return config, host_state, step_fn
 
 
@@ -87,7 +88,7 @@ def test_steps_per_call_through_the_loop_and_resume(tiny_workdir, tmp_path, tfds
     """The session's reference run (configs/test.py: 4 single steps, log/eval/checkpoint every
     2) cut back to its step-2 checkpoint and resumed with 2 steps per call logs, checkpoints and
     ends with the reference's loss and state."""
-    from puseg_jax import checkpointing, train
+    from puseg_jax.train import checkpoints, trainer
 
     def losses(workdir):
         lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -99,12 +100,12 @@ def test_steps_per_call_through_the_loop_and_resume(tiny_workdir, tmp_path, tfds
     shutil.rmtree(os.path.join(resumed, "checkpoints", "last", "4"))
     for name in ("metrics.jsonl", "summary.json"):
         os.remove(os.path.join(resumed, name))
-    train.train_and_evaluate(config, resumed)
+    trainer.train_and_evaluate(config, resumed)
 
-    step_ref, ref = checkpointing.load_state(tiny_workdir)
+    step_ref, ref = checkpoints.load_state(tiny_workdir)
     assert sorted(losses(resumed)) == [4]
     assert losses(resumed)[4] == pytest.approx(losses(tiny_workdir)[4], rel=ROUNDING)
-    step, state = checkpointing.load_state(resumed)
+    step, state = checkpoints.load_state(resumed)
     assert step == step_ref == 4
     _assert_same(state, ref)
     assert os.path.isfile(os.path.join(resumed, "summary.json"))
@@ -118,10 +119,10 @@ def test_steps_per_call_through_the_loop_and_resume(tiny_workdir, tmp_path, tfds
     ],
 )
 def test_steps_per_call_errors(tmp_path, overrides, message):
-    from puseg_jax import train
+    from puseg_jax.train import trainer
 
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(make_config(**overrides), str(tmp_path))
+        trainer.train_and_evaluate(make_config(**overrides), str(tmp_path))
 
 
 def _one_step(step_fn, host_state, batch):
@@ -173,17 +174,17 @@ def test_bf16_compute_keeps_float32_parameters_and_optimizer_state():
 
 
 def test_compile_cache_dir_is_written_and_reused(tmp_path):
-    """train.use_compile_cache in a fresh process: the first run writes the cache, the second
+    """trainer.use_compile_cache in a fresh process: the first run writes the cache, the second
     finds its program there (JAX's cache-hit event)."""
     script = (
         "import sys, jax, jax.numpy as jnp\n"
         "from jax import monitoring\n"
-        "from puseg_jax import train\n"
+        "from puseg_jax.train import trainer\n"
         "hits = []\n"
         "monitoring.register_event_listener(lambda e, **k: hits.append(e) if 'cache_hits' in e"
         " else None)\n"
         "jax.jit(lambda x: x + 1)(1.0)  # compiled before the cache is set, as in a notebook\n"
-        "train.use_compile_cache(sys.argv[1])\n"
+        "trainer.use_compile_cache(sys.argv[1])\n"
         "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
         "jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(7)))\n"
         "print('HITS', len(hits))\n"

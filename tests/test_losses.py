@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from puseg_jax import losses, parallel
+from puseg_jax import parallel
+from puseg_jax.model import losses
 from tests.conftest import test_config as make_config
 
 B, H, W, K = 8, 4, 4, 2
@@ -77,7 +78,7 @@ def _data(mode, seed=0):
 
 
 def _mc_probs(mode, seed=2):
-    """Stand-in for the mean of 3 MC-dropout passes (train.train_step computes the real one)."""
+    """Stand-in for the mean of 3 MC-dropout passes (steps.train_step computes the real one)."""
     rng = np.random.default_rng(seed)
     return np.mean(np_probs(rng.normal(0, 2, (3, B, H, W, K)), mode), 0).astype(np.float32)
 

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from data_builders.synthetic import generator
-from puseg_jax import input_pipeline, losses, metrics, parallel, train
-from puseg_jax.datasets import get_dataset_info
+from puseg_jax import metrics, parallel
+from puseg_jax.core.datasets import get_dataset_info
+from puseg_jax.data import transforms
+from puseg_jax.model import losses
+from puseg_jax.train import config as train_config
+from puseg_jax.train import steps
 from tests.conftest import test_config as make_config
 
 # 120 steps: every method fits the batch to Dice >= 0.99 (60 left OC at 0.73-0.98, by seed).
@@ -22,7 +26,7 @@ def fixed_batch():
     images, masks = [], []
     for i in range(8):
         image, mask = generator.generate_fundus((5, i), ("Domain1", "Domain3")[i % 2], SIZE)
-        images.append(input_pipeline.normalize(image.astype(np.float32) / 255.0, "zscore"))
+        images.append(transforms.normalize(image.astype(np.float32) / 255.0, "zscore"))
         masks.append(mask.astype(np.int32))
     return {"image": np.stack(images), "mask": np.stack(masks)}
 
@@ -45,11 +49,11 @@ def _initial_state(config, info, model, x):
         return jnp.ones(leaf.shape, leaf.dtype) if one else jnp.zeros(leaf.shape, leaf.dtype)
 
     variables = jax.tree_util.tree_map_with_path(fill, shapes)
-    return train.TrainState.create(
+    return steps.TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
-        tx=train.create_optimizer(config),
+        tx=steps.create_optimizer(config),
     )
 
 
@@ -73,11 +77,11 @@ def test_method_trains_without_nan_and_overfits(method, fixed_batch):
         },
     )
     info = get_dataset_info(config.data.name)
-    model = train.create_model(config, info)
+    model = steps.create_model(config, info)
     state = _initial_state(config, info, model, jnp.asarray(fixed_batch["image"][:1]))
     mesh = parallel.create_mesh(1)
     step = parallel.wrap_train_step(
-        functools.partial(train.train_step, config=config, label_mode=info.label_mode), mesh, "jit"
+        functools.partial(steps.train_step, config=config, label_mode=info.label_mode), mesh, "jit"
     )
     state = parallel.replicate(state, mesh, "jit")
     batch = parallel.shard_batch(fixed_batch, mesh, "jit")
@@ -120,13 +124,13 @@ def test_mc_dropout_passes_do_not_touch_batch_stats(fixed_batch):
     results = {}
     for source in ("entropy", "mc_dropout"):
         config = make_config(**common, **{"loss.uncertainty_source": source})
-        info = train.validate_config(config)
-        model = train.create_model(config, info)
+        info = train_config.validate_config(config)
+        model = steps.create_model(config, info)
         state = _initial_state(config, info, model, jnp.asarray(fixed_batch["image"][:1]))
         initial = jax.device_get(state.batch_stats)  # the step donates the state
         mesh = parallel.create_mesh(1)
         step = parallel.wrap_train_step(
-            functools.partial(train.train_step, config=config, label_mode=info.label_mode),
+            functools.partial(steps.train_step, config=config, label_mode=info.label_mode),
             mesh,
             "jit",
         )
@@ -146,7 +150,7 @@ def test_mc_dropout_passes_do_not_touch_batch_stats(fixed_batch):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
         assert not np.allclose(a, c)  # the training pass did update them
     with pytest.raises(ValueError, match="needs model.dropout_rate > 0"):
-        train.validate_config(
+        train_config.validate_config(
             make_config(
                 **{**common, "model.dropout_rate": 0.0, "loss.uncertainty_source": "mc_dropout"}
             )

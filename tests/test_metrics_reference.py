@@ -166,12 +166,12 @@ def test_real_nifti_label_agrees_with_medpy():
 def _native_case(native_mask, probs, native_spacing, net_spacing, slice_index=0, case="c"):
     """`predict_split`-like arrays of one example: probabilities on the network grid, the
     ground truth on its native grid."""
-    from puseg_jax import input_pipeline
+    from puseg_jax.data import transforms
 
     native = np.empty(1, object)
     native[0] = native_mask.astype(np.uint8)
     size = probs.shape[0]
-    net_mask = input_pipeline.resize(native_mask[..., None].astype(np.uint8), size, True)
+    net_mask = transforms.resize(native_mask[..., None].astype(np.uint8), size, True)
     return {
         "case_id": np.array([case]),
         "slice_index": np.array([slice_index]),
@@ -205,8 +205,8 @@ def _upsample(probs, shape):
 
 @pytest.mark.real_data
 def test_native_scoring_of_real_fundus_masks_agrees_with_medpy():
-    from puseg_jax import evaluation
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
     from tests.conftest import test_config
 
     info = get_dataset_info("fundus")
@@ -218,7 +218,7 @@ def test_native_scoring_of_real_fundus_masks_agrees_with_medpy():
         classes = (stored < 255).astype(np.uint8) + (stored == 0)  # 1 rim, 2 cup
         pred = _native_case(classes, np.zeros((128, 128, 2)), (1, 1, 1), (4, 4, 1))
         pred["probs"][0] = _network_output(rng, pred["mask"][0], (1, 2))
-        (row,) = evaluation.score_cases(pred, info, config, full=True)
+        (row,) = scoring.score_cases(pred, info, config, full=True)
         up = _upsample(pred["probs"][0], classes.shape)
         disc = up[..., 0] > 0.5
         for name, p, gt in (
@@ -235,8 +235,8 @@ def test_native_scoring_of_real_fundus_masks_agrees_with_medpy():
 
 
 def test_native_scoring_of_an_anisotropic_volume_agrees_with_medpy():
-    from puseg_jax import evaluation
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
     from tests.conftest import test_config
 
     info = get_dataset_info("synth_prostate")
@@ -253,7 +253,7 @@ def test_native_scoring_of_an_anisotropic_volume_agrees_with_medpy():
     pred = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     fg = _network_output(rng, pred["mask"].transpose(1, 2, 0), (1,))[..., 0].transpose(2, 0, 1)
     pred["probs"] = np.stack([1 - fg, fg], -1).astype(np.float32)
-    (row,) = evaluation.score_cases(pred, info, config, full=True)
+    (row,) = scoring.score_cases(pred, info, config, full=True)
     p = np.stack([_upsample(pk, gt.shape[1:]).argmax(-1) == 1 for pk in pred["probs"]])
     spacing = (3.0, 0.5, 0.8)  # array order (slice, row, col)
     assert abs(row["prostate"]["dice"] - medpy_binary.dc(p, gt)) <= TOLERANCE

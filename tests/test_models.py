@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from puseg_jax import models
+from puseg_jax.model import unet
 
 DEFAULT_WIDTHS = (32, 64, 128, 256, 512)
 FUNDUS_CPU_WIDTHS = (16, 32, 64, 128, 256)
@@ -55,7 +55,7 @@ def _count_by_hand(widths, in_channels, num_classes, logvar_channels) -> int:
 )
 def test_parameter_count_is_pinned(widths, logvar, params, stats):
     # 3 input channels (RGB fundus, or 2.5-D prostate: 3 slices), K = 2 logits.
-    model = models.UNet(num_classes=2, widths=widths, logvar_channels=logvar)
+    model = unet.UNet(num_classes=2, widths=widths, logvar_channels=logvar)
     variables, _ = _shapes(model)
     assert _count(variables["params"]) == params
     assert _count(variables["params"]) == _count_by_hand(widths, 3, 2, logvar)
@@ -66,7 +66,7 @@ def test_parameter_count_is_pinned(widths, logvar, params, stats):
 
 @pytest.mark.parametrize("logvar", [0, 1, 2])
 def test_heads_and_shapes(logvar):
-    model = models.UNet(num_classes=2, widths=TEST_WIDTHS, logvar_channels=logvar)
+    model = unet.UNet(num_classes=2, widths=TEST_WIDTHS, logvar_channels=logvar)
     variables, out = _shapes(model)
     assert out["logits"].shape == (2, 32, 32, 2) and out["logits"].dtype == jnp.float32
     if logvar:
@@ -79,19 +79,19 @@ def test_heads_and_shapes(logvar):
     assert sum(n.startswith("DoubleConv") for n in names) == 2 * len(TEST_WIDTHS) - 1
     assert sum(n.startswith("ConvTranspose") for n in names) == len(TEST_WIDTHS) - 1
     # bfloat16 compute still returns float32 heads (the losses need the precision).
-    bf16 = models.UNet(num_classes=2, widths=TEST_WIDTHS, logvar_channels=1, dtype=jnp.bfloat16)
+    bf16 = unet.UNet(num_classes=2, widths=TEST_WIDTHS, logvar_channels=1, dtype=jnp.bfloat16)
     _, out = _shapes(bf16)
     assert out["logits"].dtype == out["log_var"].dtype == jnp.float32
 
 
 def test_group_norm_has_no_batch_stats_and_takes_any_width():
     # Width 12 is not divisible by 8 groups: gcd(8, 12) = 4 groups are used.
-    model = models.UNet(num_classes=2, widths=(12, 24), norm="group")
+    model = unet.UNet(num_classes=2, widths=(12, 24), norm="group")
     variables, out = _shapes(model, size=16)
     assert "batch_stats" not in variables
     assert out["logits"].shape == (2, 16, 16, 2)
     with pytest.raises(ValueError, match="Unknown norm"):
-        _shapes(models.UNet(num_classes=2, widths=TEST_WIDTHS, norm="layer"))
+        _shapes(unet.UNet(num_classes=2, widths=TEST_WIDTHS, norm="layer"))
 
 
 def _params_numpy(model, x, seed=0):
@@ -114,7 +114,7 @@ def _params_numpy(model, x, seed=0):
 
 
 def test_dropout_is_deterministic_at_evaluation_and_random_for_mc_dropout():
-    model = models.UNet(num_classes=2, widths=TEST_WIDTHS, dropout_rate=0.5, logvar_channels=2)
+    model = unet.UNet(num_classes=2, widths=TEST_WIDTHS, dropout_rate=0.5, logvar_channels=2)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
     variables = _params_numpy(model, x)
     apply = jax.jit(
@@ -133,7 +133,7 @@ def test_dropout_is_deterministic_at_evaluation_and_random_for_mc_dropout():
 def test_example_dropout_masks_follow_the_global_example_index():
     """With `example_ids` an example's dropout masks depend on its index and the key only, so a
     device holding examples 4..7 draws what one device holding 0..7 draws for them."""
-    model = models.UNet(num_classes=2, widths=TEST_WIDTHS, dropout_rate=0.5)
+    model = unet.UNet(num_classes=2, widths=TEST_WIDTHS, dropout_rate=0.5)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 16, 16, 3)), jnp.float32)
     variables = _params_numpy(model, x)
     apply = jax.jit(
@@ -147,6 +147,6 @@ def test_example_dropout_masks_follow_the_global_example_index():
     same = jnp.repeat(x[:1], 8, 0)
     out = np.asarray(apply(variables, same, jnp.arange(8)))
     assert not np.allclose(out[0], out[1])
-    m = models.example_dropout(jnp.ones((2, 64, 64, 4)), 0.25, jax.random.key(0), jnp.arange(2))
+    m = unet.example_dropout(jnp.ones((2, 64, 64, 4)), 0.25, jax.random.key(0), jnp.arange(2))
     kept = np.asarray(m) > 0
     assert abs(kept.mean() - 0.75) < 0.02 and np.allclose(np.asarray(m)[kept], 1 / 0.75)

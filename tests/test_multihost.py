@@ -42,8 +42,9 @@ def _wait(procs: dict, logs: dict) -> None:
 
 
 def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path, tfds_dir, jax_cache):
-    from puseg_jax import checkpointing, prepare
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.data import prepare
+    from puseg_jax.train import checkpoints
 
     overrides = {
         "data.data_dir": tfds_dir,
@@ -76,8 +77,8 @@ def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path, tfds_d
     assert "4 device(s)" in open(logs["process 0 of 2"]).read()
     loss_multi, loss_single = _losses(multi), _losses(single)
     loss_diff = max(abs(loss_multi[s] - loss_single[s]) for s in loss_single)
-    step_m, state_m = checkpointing.load_state(multi)
-    step_s, state_s = checkpointing.load_state(single)
+    step_m, state_m = checkpoints.load_state(multi)
+    step_s, state_s = checkpoints.load_state(single)
     assert step_m == step_s == NUM_STEPS
     param_diff = max(
         float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

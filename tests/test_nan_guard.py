@@ -50,21 +50,21 @@ def _all_finite(tree) -> bool:
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
     tmp_path, tfds_dir, jax_cache
 ):
-    from puseg_jax import checkpointing
+    from puseg_jax.train import checkpoints
 
     # Checked at step 6 (a checkpoint step, not a log step), after the bad step 5.
     workdir, rc, log = _train_with_nan(tmp_path, tfds_dir, jax_cache, "raise", checkpoint_every=2)
     assert rc != 0, log[-3000:]
     assert f"FloatingPointError: Non-finite loss at step {NAN_STEP}" in log, log[-3000:]
     # Step 4 is the last checkpoint; step 6, after the bad step, was not written.
-    step, state = checkpointing.load_state(workdir)
+    step, state = checkpoints.load_state(workdir)
     assert step == NAN_STEP - 1
     assert int(state["step"]) == NAN_STEP - 1 and _all_finite(state)
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
 
 def test_nan_policy_skip_counts_the_step_and_finishes(tmp_path, tfds_dir, jax_cache):
-    from puseg_jax import checkpointing
+    from puseg_jax.train import checkpoints
 
     workdir, rc, log = _train_with_nan(tmp_path, tfds_dir, jax_cache, "skip", checkpoint_every=8)
     assert rc == 0, log[-3000:]
@@ -73,5 +73,5 @@ def test_nan_policy_skip_counts_the_step_and_finishes(tmp_path, tfds_dir, jax_ca
     assert summary["skipped_steps"] == 1
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [x["train/skipped_steps"] for x in lines if "train/skipped_steps" in x][-1] == 1
-    step, state = checkpointing.load_state(workdir)
+    step, state = checkpoints.load_state(workdir)
     assert step == RUN_STEPS and _all_finite(state)

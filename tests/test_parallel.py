@@ -19,11 +19,12 @@ LAYOUTS = [("jit", 1), ("jit", 8), ("pmap", 8)]
 def _run(config, info, host_state, strategy: str, num_devices: int, batches):
     import jax
 
-    from puseg_jax import parallel, train
+    from puseg_jax import parallel
+    from puseg_jax.train import steps
 
     mesh = parallel.create_mesh(num_devices)
     step = parallel.wrap_train_step(
-        functools.partial(train.train_step, config=config, label_mode=info.label_mode),
+        functools.partial(steps.train_step, config=config, label_mode=info.label_mode),
         mesh,
         strategy,
     )
@@ -80,7 +81,8 @@ OURS_VARIANTS = {
 def test_jit_and_pmap_on_8_devices_match_one_device(method, overrides):
     import jax
 
-    from puseg_jax import train
+    from puseg_jax.train import config as train_config
+    from puseg_jax.train import steps
 
     # A two-level U-Net at 16x16 compiles faster; the wrappers do not care about depth.
     config = make_config(
@@ -93,9 +95,9 @@ def test_jit_and_pmap_on_8_devices_match_one_device(method, overrides):
             **overrides,
         }
     )
-    info = train.validate_config(config)
-    model = train.create_model(config, info)
-    host_state = jax.device_get(train.create_train_state(config, info, model, jax.random.key(0)))
+    info = train_config.validate_config(config)
+    model = steps.create_model(config, info)
+    host_state = jax.device_get(steps.create_train_state(config, info, model, jax.random.key(0)))
     batches = random_batches(NUM_STEPS, config.data.image_size)
 
     runs = {layout: _run(config, info, host_state, *layout, batches) for layout in LAYOUTS}
@@ -164,10 +166,10 @@ def compile_events():
     ],
 )
 def test_config_errors_raise_before_any_compilation(tmp_path, compile_events, overrides, message):
-    from puseg_jax import train
+    from puseg_jax.train import trainer
 
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(make_config(**overrides), str(tmp_path))
+        trainer.train_and_evaluate(make_config(**overrides), str(tmp_path))
     assert compile_events == []
     # Nothing was prepared or written either.
     assert sorted(p.name for p in tmp_path.iterdir()) == []

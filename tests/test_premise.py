@@ -1,7 +1,7 @@
 """The paper's premise, measured: pixel-wise uncertainty is high where pixels are hard.
 
 A tiny U-Net is trained briefly with the full method ('ours') through the real loop
-(`train.train_and_evaluate`) on tiny synthetic fundus domains; its evaluation writes the
+(`trainer.train_and_evaluate`) on tiny synthetic fundus domains; its evaluation writes the
 uncertainty map U of every held-out image (T samples of the logit heads). Then, on each
 evaluated domain (two source-validation splits and the unseen target):
   * mean U within 2 px of the true OD/OC boundaries >= 2 x mean U elsewhere;
@@ -26,7 +26,7 @@ MIN_RATIO, MIN_AUROC = 2.0, 0.8
 # (boundary/interior 1.4-1.7 on the three domains with seed 0); after 300 steps at 64x64 it is not.
 @pytest.mark.slow
 def test_uncertainty_highlights_boundaries_and_errors(tmp_path, tfds_dir):
-    from puseg_jax import train
+    from puseg_jax.train import trainer
 
     config = make_config(
         method="ours",
@@ -47,7 +47,7 @@ def test_uncertainty_highlights_boundaries_and_errors(tmp_path, tfds_dir):
         },
     )
     workdir = str(tmp_path / "premise")
-    summary = train.train_and_evaluate(config, workdir)
+    summary = trainer.train_and_evaluate(config, workdir)
 
     measured = {}
     for name, ev in summary["evals"].items():

@@ -43,9 +43,9 @@ OURS = _summary(
 
 
 def test_explain_states_the_gap_the_difference_and_the_uncertainty():
-    from puseg_jax import report
+    from puseg_jax.runs import explain
 
-    lines = report.explain([ERM, OURS]).splitlines()
+    lines = explain.explain([ERM, OURS]).splitlines()
     assert lines == [
         "Domain gap (Dice, source validation -> unseen Domain1): erm OD 0.970 -> 0.950, "
         "OC 0.940 -> 0.800; ours OD 0.970 -> 0.960, OC 0.940 -> 0.850",
@@ -54,22 +54,22 @@ def test_explain_states_the_gap_the_difference_and_the_uncertainty():
         "ours 6.5x",
     ]
     # erm is the baseline wherever it is listed.
-    assert report.explain([OURS, ERM]).splitlines()[1] == lines[1]
+    assert explain.explain([OURS, ERM]).splitlines()[1] == lines[1]
 
 
 def test_explain_leaves_out_what_the_summaries_lack():
-    from puseg_jax import report
+    from puseg_jax.runs import explain
 
     no_unc = _summary("erm", [{"OD": 0.9, "OC": None}], {"OD": 0.8, "OC": float("nan")})
-    lines = report.explain([no_unc]).splitlines()
+    lines = explain.explain([no_unc]).splitlines()
     # One run: no difference line; no uncertainty block: no uncertainty line.
     assert lines == [
         "Domain gap (Dice, source validation -> unseen Domain1): erm OD 0.900 -> 0.800, "
         "OC n/a -> n/a"
     ]
     target_only = {"method": "erm", "structures": ["OD"], "evals": {}}
-    assert "No target domain" in report.explain([target_only])
-    assert report.explain([]) == ""
+    assert "No target domain" in explain.explain([target_only])
+    assert explain.explain([]) == ""
 
 
 def test_main_prints_table_and_explanation(tmp_path, capsys):
@@ -93,11 +93,11 @@ def test_main_prints_table_and_explanation(tmp_path, capsys):
 
 
 def test_explain_of_the_trained_workdir(tiny_workdir):
-    from puseg_jax import report
+    from puseg_jax.runs import explain
 
     with open(f"{tiny_workdir}/summary.json") as f:
         summary = json.load(f)
-    lines = report.explain([summary]).splitlines()
+    lines = explain.explain([summary]).splitlines()
     assert lines[0].startswith("Domain gap (Dice, source validation -> unseen Domain3): ours OD ")
     ratio = summary["evals"]["Domain3"]["uncertainty"]["u_boundary_ratio"]
     if ratio is not None and not math.isnan(ratio):

@@ -6,7 +6,7 @@ import pytest
 from jax import image as jax_image
 from PIL import Image
 
-from puseg_jax import resample
+from puseg_jax.core import resample
 
 
 @pytest.mark.parametrize("shape_in,shape_out", [((128, 128), (512, 512)), ((13, 7), (40, 33))])

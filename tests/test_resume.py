@@ -42,18 +42,18 @@ def _replicated(num_devices: int):
 
 
 def test_checkpoint_moves_between_8_devices_and_1(tiny_workdir, tmp_path):
-    from puseg_jax import checkpointing
+    from puseg_jax.train import checkpoints
 
     # Written by the 8-device session run; read onto 1 device and onto 8.
-    step, on1 = checkpointing.load_state(tiny_workdir, sharding=_replicated(1))
-    _, on8 = checkpointing.load_state(tiny_workdir, sharding=_replicated(8))
+    step, on1 = checkpoints.load_state(tiny_workdir, sharding=_replicated(1))
+    _, on8 = checkpoints.load_state(tiny_workdir, sharding=_replicated(8))
     assert step == 4 and int(on1["step"]) == 4
     assert _device_counts(on1) == {1} and _device_counts(on8) == {8}
     for a, b in zip(_leaves(on1), _leaves(on8), strict=True):
         np.testing.assert_array_equal(a, b)
 
     # Written from 1 device, restored onto 8 through the manager the training loop uses.
-    ckpts = checkpointing.Checkpoints(str(tmp_path))
+    ckpts = checkpoints.Checkpoints(str(tmp_path))
     ckpts.save(step, on1, {"data_state": {"next_index": step}, "counters": {}}, {"seed": 0})
     restored, extra = ckpts.restore(step, on1, _replicated(8))
     ckpts.close()
@@ -70,9 +70,9 @@ _KILLED_SAVE = textwrap.dedent(
     import asyncio, sys
     import numpy as np
     from orbax.checkpoint._src.path import atomicity
-    from puseg_jax import checkpointing
+    from puseg_jax.train import checkpoints
 
-    ckpts = checkpointing.Checkpoints(sys.argv[1])
+    ckpts = checkpoints.Checkpoints(sys.argv[1])
     extra = {"data_state": {"next_index": 1}, "counters": {}}
     ckpts.save(1, {"w": np.arange(1000, dtype=np.float32)}, extra, {"seed": 0})
     print("SAVED 1", flush=True)
@@ -103,7 +103,7 @@ def _wait_for_line(log_path: str, text: str, proc: subprocess.Popen, timeout: fl
 
 
 def test_save_killed_while_committing_is_ignored_on_restart(tmp_path):
-    from puseg_jax import checkpointing
+    from puseg_jax.train import checkpoints
 
     workdir, log = str(tmp_path / "w"), str(tmp_path / "save.log")
     proc = launch(["-c", _KILLED_SAVE, workdir], worker_env(1), log)
@@ -113,7 +113,7 @@ def test_save_killed_while_committing_is_ignored_on_restart(tmp_path):
     last = tmp_path / "w" / "checkpoints" / "last"
     assert any("tmp" in p.name for p in last.iterdir()), "the killed save left no temporary dir"
 
-    ckpts = checkpointing.Checkpoints(workdir)
+    ckpts = checkpoints.Checkpoints(workdir)
     assert ckpts.latest_step() == 1
     like = {"w": np.zeros(1000, np.float32)}
     state, extra = ckpts.restore(1, like, _replicated(1))
@@ -161,7 +161,7 @@ def _losses(workdir: str) -> dict[int, float]:
 
 
 def test_sigterm_checkpoints_and_rerun_matches_uninterrupted_run(tmp_path, tfds_dir, jax_cache):
-    from puseg_jax import checkpointing
+    from puseg_jax.train import checkpoints
 
     env = worker_env(8, jax_cache)
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
@@ -176,7 +176,7 @@ def test_sigterm_checkpoints_and_rerun_matches_uninterrupted_run(tmp_path, tfds_
     line = _wait_for_line(log, "[train] preempted: checkpoint at step", proc, 1)
     stopped = int(line.split("step ")[1].split()[0])
     assert 1 <= stopped < RUN_STEPS
-    ckpts = checkpointing.Checkpoints(resumed)
+    ckpts = checkpoints.Checkpoints(resumed)
     assert ckpts.latest_step() == stopped
     ckpts.close()
     assert not os.path.exists(os.path.join(resumed, "summary.json"))
@@ -189,8 +189,8 @@ def test_sigterm_checkpoints_and_rerun_matches_uninterrupted_run(tmp_path, tfds_
     # Same batches and keys: the same loss at every step, the same final state, bit for bit.
     assert _losses(resumed) == _losses(reference)
     assert sorted(_losses(reference)) == list(range(1, RUN_STEPS + 1))
-    step_a, state_a = checkpointing.load_state(reference)
-    step_b, state_b = checkpointing.load_state(resumed)
+    step_a, state_a = checkpoints.load_state(reference)
+    step_b, state_b = checkpoints.load_state(resumed)
     assert step_a == step_b == RUN_STEPS
     diff = max(
         float(np.max(np.abs(a - b)))
@@ -201,7 +201,7 @@ def test_sigterm_checkpoints_and_rerun_matches_uninterrupted_run(tmp_path, tfds_
         np.testing.assert_array_equal(a, b)
     extras = []
     for w in (reference, resumed):
-        ckpts = checkpointing.Checkpoints(w)
+        ckpts = checkpoints.Checkpoints(w)
         extras.append(ckpts.restore_json(RUN_STEPS, "extra"))
         ckpts.close()
     assert extras[0] == extras[1]

@@ -54,16 +54,16 @@ def test_train_and_evaluate_writes_outputs(tiny_workdir):
     ],
 )
 def test_config_errors_before_compiling(tmp_path, overrides, message):
-    from puseg_jax import train
+    from puseg_jax.train import trainer
 
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(test_config(**overrides), str(tmp_path))
+        trainer.train_and_evaluate(test_config(**overrides), str(tmp_path))
 
 
 def test_resuming_with_a_changed_config_is_refused(tiny_workdir, tmp_path):
     import shutil
 
-    from puseg_jax import train
+    from puseg_jax.train import trainer
 
     workdir = str(tmp_path / "run")
     shutil.copytree(tiny_workdir, workdir)
@@ -72,7 +72,7 @@ def test_resuming_with_a_changed_config_is_refused(tiny_workdir, tmp_path):
     config.loss.alpha = 2.0
     config.optim.learning_rate = 1e-3
     with pytest.raises(ValueError, match="mix two experiments") as error:
-        train.train_and_evaluate(config, workdir)
+        trainer.train_and_evaluate(config, workdir)
     message = str(error.value)
     assert "loss.alpha: 1.0 -> 2.0" in message and "optim.learning_rate" in message
     assert "allow_config_change" in message
@@ -81,28 +81,29 @@ def test_resuming_with_a_changed_config_is_refused(tiny_workdir, tmp_path):
 
 
 def test_resume_check_ignores_incidental_fields_and_can_be_overridden():
-    from puseg_jax import config_diff, train
+    from puseg_jax.core import config_diff
+    from puseg_jax.train import config as train_config
 
     saved = json.loads(test_config().to_json_best_effort())
     current = json.loads(test_config().to_json_best_effort())
     current["log_every_steps"] = 7
     current["parallel"]["num_devices"] = 1
     current["data"]["data_dir"] = "/elsewhere"
-    changes = train.check_resume_config(saved, current, allow_change=False)
+    changes = train_config.check_resume_config(saved, current, allow_change=False)
     assert len(changes) == 3 and all(config_diff.is_incidental(c.split(":")[0]) for c in changes)
     current["model"]["widths"] = [4, 8]
     with pytest.raises(ValueError, match=r"model.widths: \[4, 8, 16\] -> \[4, 8\]"):
-        train.check_resume_config(saved, current, allow_change=False)
-    assert len(train.check_resume_config(saved, current, allow_change=True)) == 4
+        train_config.check_resume_config(saved, current, allow_change=False)
+    assert len(train_config.check_resume_config(saved, current, allow_change=True)) == 4
     # A checkpoint older than a field computed what the field's default computes: the field
     # is taken at its default (configs/default.py), and only a non-default value is a change.
     older = json.loads(test_config().to_json_best_effort())
     del older["loss"]["highlight_terms"]
     fresh = json.loads(test_config().to_json_best_effort())
-    assert train.check_resume_config(older, fresh, allow_change=False) == []
+    assert train_config.check_resume_config(older, fresh, allow_change=False) == []
     fresh["loss"]["highlight_terms"] = "ce+unc"
     with pytest.raises(ValueError, match=r"loss.highlight_terms: 'ce' -> 'ce\+unc'"):
-        train.check_resume_config(older, fresh, allow_change=False)
+        train_config.check_resume_config(older, fresh, allow_change=False)
     # A field that only one side has counts as a change.
     del current["model"]["widths"]
     assert config_diff.computational_changes(saved, current) == [

@@ -67,9 +67,10 @@ def _volume_predictions(domain: str, num_cases: int, num_slices: int, size: int,
 def make_volume_workdir(workdir: str, num_cases: int = 3, num_slices: int = 6, size: int = 24):
     """Writes config.json, eval/<domain>/ reports and TensorBoard events of a synthetic prostate
     run (no checkpoint) through `evaluation`'s scoring and report writer; returns the workdir."""
-    from puseg_jax import evaluation, train
-    from puseg_jax.datasets import get_dataset_info
-    from puseg_jax.logging_utils import MetricWriter
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.core.logging_utils import MetricWriter
+    from puseg_jax.evaluators import reports, scoring
+    from puseg_jax.train import config as train_config
 
     config = conftest.test_config(
         **{
@@ -84,10 +85,10 @@ def make_volume_workdir(workdir: str, num_cases: int = 3, num_slices: int = 6, s
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(json.loads(config.to_json_best_effort()), f)
     writer = MetricWriter(workdir)
-    for k, (name, ev) in enumerate(train.resolve_evals(config).items()):
+    for k, (name, ev) in enumerate(train_config.resolve_evals(config).items()):
         pred = _volume_predictions(ev["domain"], num_cases, num_slices, size, seed=k)
-        res, rows = evaluation.score_split(pred, info, config, ev, 7)
-        evaluation.write_domain_reports(workdir, name, res, rows, pred, info, config, 7, writer)
+        res, rows = scoring.score_split(pred, info, config, ev, 7)
+        reports.write_domain_reports(workdir, name, res, rows, pred, info, config, 7, writer)
     writer.close()
     return workdir
 
@@ -135,7 +136,7 @@ def _disc_case(h: int = 8, w: int = 8):
 
 
 def test_panel_tiles_show_masks_uncertainty_and_errors():
-    from puseg_jax import panels
+    from puseg_jax.drawing import panels
 
     image, gt, pred, u = _disc_case()
     tiles = panels.panel_tiles(image, gt, pred, u)
@@ -153,7 +154,7 @@ def test_panel_tiles_show_masks_uncertainty_and_errors():
 
 @pytest.mark.parametrize("size", [8, 64, 300])
 def test_drawn_panel_has_large_tiles_titles_legend_and_colour_bar(size):
-    from puseg_jax import panels
+    from puseg_jax.drawing import panels
 
     image, gt, pred, u = _disc_case(size, size)
     title, subtitle = "ours · Domain1 (target) · step 300", "case c7 · Dice OD 0.953, OC 0.861"
@@ -185,14 +186,17 @@ def test_drawn_panel_has_large_tiles_titles_legend_and_colour_bar(size):
 
 
 def test_case_arrays_restack_volumes_and_pick_the_largest_slice(volume_workdir):
-    from puseg_jax import evaluation, inspect_utils, metrics, panels
+    from puseg_jax import metrics
+    from puseg_jax.drawing import panels
+    from puseg_jax.evaluators import case_panels, scoring
+    from puseg_jax.runs import workdir as runs_workdir
 
-    wd = inspect_utils.open_workdir(volume_workdir)
+    wd = runs_workdir.open_workdir(volume_workdir)
     assert wd.info.volumetric and wd.eval_names == ["SiteA", "SiteB", "SiteC"]
-    pred = inspect_utils.load_predictions(wd, "SiteC")
-    cases = evaluation.group_cases(pred, True)
+    pred = runs_workdir.load_predictions(wd, "SiteC")
+    cases = scoring.group_cases(pred, True)
     case_id, idx = cases[0]
-    arrays = evaluation.case_arrays(pred, idx, wd.info, wd.config)
+    arrays = case_panels.case_arrays(pred, idx, wd.info, wd.config)
     assert arrays["gt"].shape == arrays["pred"].shape == (1, 6, 24, 24)
     assert arrays["image"].shape == (6, 24, 24, 1) and arrays["uncertainty"].shape == (6, 24, 24)
     # The end slices hold no gland; the re-stacked order puts them first and last.
@@ -200,87 +204,89 @@ def test_case_arrays_restack_volumes_and_pick_the_largest_slice(volume_workdir):
     assert 0 < panels.representative_slice(arrays["gt"]) < 5
     # The 3-D Dice of the shown masks is the scored one (up to float16 storage).
     dice = metrics.compute_dice(arrays["pred"][0], arrays["gt"][0])
-    per_case = inspect_utils.load_per_case(wd, "SiteC")
+    per_case = runs_workdir.load_per_case(wd, "SiteC")
     assert dice == pytest.approx(per_case[case_id]["prostate"]["dice"], abs=1e-6)
 
 
 def test_evaluation_panels_carry_the_run_and_the_case_dice(volume_workdir):
     # The written PNG is the drawn panel: titled, at least 256-px tiles (24-px images here).
-    from puseg_jax import inspect_utils, panels
+    from puseg_jax.drawing import panels
+    from puseg_jax.runs import workdir as runs_workdir
 
-    wd = inspect_utils.open_workdir(volume_workdir)
-    per_case = inspect_utils.load_per_case(wd, "SiteC")
+    wd = runs_workdir.open_workdir(volume_workdir)
+    per_case = runs_workdir.load_per_case(wd, "SiteC")
     files = sorted(glob.glob(os.path.join(volume_workdir, "eval", "SiteC", "panel_*.png")))
     assert len(files) == 2
     png = np.asarray(Image.open(files[0]))
     assert png.shape[1] >= 5 * panels.MIN_TILE_PX and png.shape[0] > panels.MIN_TILE_PX + 80
     case_id = os.path.basename(files[0]).split("_", 2)[2][: -len(".png")]
     # The same drawing from the saved predictions, with the header evaluation gave it.
-    from puseg_jax import evaluation
+    from puseg_jax.evaluators import case_panels, scoring
 
-    pred = inspect_utils.load_predictions(wd, "SiteC")
-    idx = dict(evaluation.group_cases(pred, True))[case_id]
+    pred = runs_workdir.load_predictions(wd, "SiteC")
+    idx = dict(scoring.group_cases(pred, True))[case_id]
     dice = {s: m["dice"] for s, m in per_case[case_id].items()}
-    title = evaluation.panel_title("ours", "SiteC", "target", 7)
-    again = evaluation.draw_case(pred, case_id, idx, dice, wd.info, wd.config, title)
+    title = case_panels.panel_title("ours", "SiteC", "target", 7)
+    again = case_panels.draw_case(pred, case_id, idx, dice, wd.info, wd.config, title)
     assert again.shape == png.shape[:2] + (3,)
     assert np.mean(np.abs(again.astype(int) - png[..., :3].astype(int)) > 2) < 0.01
 
 
 def test_select_cases_orders(volume_workdir):
-    from puseg_jax import inspect_utils
+    from puseg_jax.runs import workdir as runs_workdir
 
-    wd = inspect_utils.open_workdir(volume_workdir)
-    pred = inspect_utils.load_predictions(wd, "SiteA")
-    per_case = inspect_utils.load_per_case(wd, "SiteA")
-    dice = inspect_utils.mean_case_dice(per_case)
-    worst = [c for c, _ in inspect_utils.select_cases(pred, per_case, wd.info, 3, "worst")]
-    best = [c for c, _ in inspect_utils.select_cases(pred, per_case, wd.info, 2, "best")]
+    wd = runs_workdir.open_workdir(volume_workdir)
+    pred = runs_workdir.load_predictions(wd, "SiteA")
+    per_case = runs_workdir.load_per_case(wd, "SiteA")
+    dice = runs_workdir.mean_case_dice(per_case)
+    worst = [c for c, _ in runs_workdir.select_cases(pred, per_case, wd.info, 3, "worst")]
+    best = [c for c, _ in runs_workdir.select_cases(pred, per_case, wd.info, 2, "best")]
     assert [dice[c] for c in worst] == sorted(dice.values())
     assert best == worst[::-1][:2]
-    u = inspect_utils.case_uncertainty(pred, wd.info)
-    top = inspect_utils.select_cases(pred, per_case, wd.info, 1, "most_uncertain")[0][0]
+    u = runs_workdir.case_uncertainty(pred, wd.info)
+    top = runs_workdir.select_cases(pred, per_case, wd.info, 1, "most_uncertain")[0][0]
     assert u[top] == max(u.values())
     with pytest.raises(ValueError, match="Unknown order"):
-        inspect_utils.select_cases(pred, per_case, wd.info, 1, "random")
+        runs_workdir.select_cases(pred, per_case, wd.info, 1, "random")
 
 
 def test_open_workdir_errors(tmp_path, volume_workdir):
-    from puseg_jax import inspect_utils
+    from puseg_jax.runs import workdir as runs_workdir
 
     with pytest.raises(FileNotFoundError, match="config.json"):
-        inspect_utils.open_workdir(str(tmp_path))
+        runs_workdir.open_workdir(str(tmp_path))
     copy = str(tmp_path / "copy")
     shutil.copytree(volume_workdir, copy)
     os.remove(os.path.join(copy, "eval", "SiteB", "predictions.npz"))
     with pytest.raises(FileNotFoundError, match=r"\['SiteB'\].*evaluate_if_missing"):
-        inspect_utils.open_workdir(copy)
+        runs_workdir.open_workdir(copy)
 
 
 def test_figures_of_a_volume_workdir(volume_workdir):
-    from puseg_jax import inspect_utils
+    from puseg_jax.runs import workdir as runs_workdir
+    from puseg_jax.runs import workdir_figures
 
-    wd = inspect_utils.open_workdir(volume_workdir)
-    pred = inspect_utils.load_predictions(wd, "SiteC")
-    per_case = inspect_utils.load_per_case(wd, "SiteC")
-    cases = inspect_utils.select_cases(pred, per_case, wd.info, 2, "worst")
-    fig = inspect_utils.slice_grid_figure(wd, "SiteC", pred, per_case, cases[0][0])
+    wd = runs_workdir.open_workdir(volume_workdir)
+    pred = runs_workdir.load_predictions(wd, "SiteC")
+    per_case = runs_workdir.load_per_case(wd, "SiteC")
+    cases = runs_workdir.select_cases(pred, per_case, wd.info, 2, "worst")
+    fig = workdir_figures.slice_grid_figure(wd, "SiteC", pred, per_case, cases[0][0])
     # Only the 4 slices with gland or prediction, one row of 5 tiles each.
     assert [ax.get_ylabel().split("\n")[0] for ax in fig.axes[:20:5]] == [
         f"slice {z}" for z in range(1, 5)
     ]
     assert cases[0][0] in fig.get_suptitle()
-    fig = inspect_utils.cases_figure(wd, "SiteC", pred, per_case, cases)
+    fig = workdir_figures.cases_figure(wd, "SiteC", pred, per_case, cases)
     label = fig.axes[5].get_ylabel()
-    assert cases[1][0] in label and inspect_utils.dice_text(per_case, cases[1][0]) in label
-    preds = inspect_utils.load_all_predictions(wd)
-    fig = inspect_utils.boundary_histogram_figure(wd, preds)
+    assert cases[1][0] in label and runs_workdir.dice_text(per_case, cases[1][0]) in label
+    preds = runs_workdir.load_all_predictions(wd)
+    fig = workdir_figures.boundary_histogram_figure(wd, preds)
     # The synthetic uncertainty is 0.8 on the gland's edge and 0.1 elsewhere.
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend[1] == "elsewhere: mean 0.100" and float(legend[0].split()[-1]) > 0.2
-    assert len(inspect_utils.reliability_figure(wd).axes[0].lines) == 1 + 3
-    inspect_utils.dice_vs_uncertainty_figure(wd, {wd.path: preds})
-    table = inspect_utils.uncertainty_table(wd)
+    assert len(workdir_figures.reliability_figure(wd).axes[0].lines) == 1 + 3
+    workdir_figures.dice_vs_uncertainty_figure(wd, {wd.path: preds})
+    table = runs_workdir.uncertainty_table(wd)
     assert table.count("\n") == 2 + 3 - 1 and "| SiteC | target |" in table
 
 
@@ -289,7 +295,8 @@ def test_compare_figure_titles_fit_with_a_long_method_name(volume_workdir, tmp_p
     # row when a method name was long.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from puseg_jax import inspect_utils
+    from puseg_jax.runs import workdir as runs_workdir
+    from puseg_jax.runs import workdir_figures
 
     long_run = tmp_path / "long"
     shutil.copytree(volume_workdir, long_run)
@@ -299,19 +306,19 @@ def test_compare_figure_titles_fit_with_a_long_method_name(volume_workdir, tmp_p
     with open(long_run / "config.json", "w") as f:
         json.dump(config, f)
     wd_a, wd_b = (
-        inspect_utils.open_workdir(str(long_run)),
-        inspect_utils.open_workdir(volume_workdir),
+        runs_workdir.open_workdir(str(long_run)),
+        runs_workdir.open_workdir(volume_workdir),
     )
-    fig = inspect_utils.compare_figure(wd_a, wd_b, "SiteC", num=2)
+    fig = workdir_figures.compare_figure(wd_a, wd_b, "SiteC", num=2)
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     renderer = canvas.get_renderer()
     grid = np.asarray(fig.axes[:16]).reshape(2, 8)
-    per_case = inspect_utils.load_per_case(wd_a, "SiteC")
+    per_case = runs_workdir.load_per_case(wd_a, "SiteC")
     for row in grid:
         assert not any(ax.get_ylabel() for ax in row)
         case_id = row[0].get_title().split("\n")[0].split(", slice")[0]
-        dice = inspect_utils.dice_text(per_case, case_id)
+        dice = runs_workdir.dice_text(per_case, case_id)
         assert row[2].get_title() == f"ours_no_highlight\nprediction\nDice {dice}"
         assert row[5].get_title().startswith("ours\nprediction\nDice ")
         boxes = [ax.title.get_window_extent(renderer) for ax in row]
@@ -404,8 +411,8 @@ def test_tensorboard_images_and_histograms(tiny_workdir, volume_workdir):
 
 
 def test_write_tensorboard(tmp_path):
-    from puseg_jax import panels
-    from puseg_jax.logging_utils import MetricWriter
+    from puseg_jax.core.logging_utils import MetricWriter
+    from puseg_jax.drawing import panels
 
     drawn = [("a", np.zeros((4, 6, 3), np.uint8)), ("b", np.full((4, 6, 3), 255, np.uint8))]
     u = np.random.default_rng(0).uniform(size=(2, 4, 4))
@@ -425,9 +432,10 @@ def test_write_tensorboard(tmp_path):
 def test_open_workdir_evaluates_the_checkpoint_when_predictions_are_missing(
     volume_workdir, tmp_path, monkeypatch
 ):
-    # train.evaluate_only itself (restore, predict, write eval/) is tested in
+    # trainer.evaluate_only itself (restore, predict, write eval/) is tested in
     # test_evaluation.py; here the decision to call it and what it is given.
-    from puseg_jax import inspect_utils, train
+    from puseg_jax.runs import workdir as runs_workdir
+    from puseg_jax.train import trainer
 
     copy = str(tmp_path / "wd")
     shutil.copytree(volume_workdir, copy)
@@ -439,12 +447,12 @@ def test_open_workdir_evaluates_the_checkpoint_when_predictions_are_missing(
         calls.append((config, workdir))
         shutil.copy(os.path.join(volume_workdir, "eval", "SiteC", "predictions.npz"), missing)
 
-    monkeypatch.setattr(train, "evaluate_only", fake_evaluate_only)
-    wd = inspect_utils.open_workdir(copy, evaluate_if_missing=True)
+    monkeypatch.setattr(trainer, "evaluate_only", fake_evaluate_only)
+    wd = runs_workdir.open_workdir(copy, evaluate_if_missing=True)
     assert len(calls) == 1 and calls[0][1] == copy
     config = calls[0][0]
     assert config.eval.save_predictions and config.data.name == "synth_prostate"
     assert list(config.data.target_domains) == ["SiteC"]
-    assert inspect_utils.load_predictions(wd, "SiteC")["probs"].shape[-1] == 2
-    inspect_utils.open_workdir(copy, evaluate_if_missing=True)
+    assert runs_workdir.load_predictions(wd, "SiteC")["probs"].shape[-1] == 2
+    runs_workdir.open_workdir(copy, evaluate_if_missing=True)
     assert len(calls) == 1  # nothing missing any more

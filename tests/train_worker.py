@@ -3,7 +3,7 @@
     python tests/train_worker.py --workdir W --devices 2 --set data.data_dir='"/tmp/tfds"' \
         [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id 0] [--nan-at-step 3]
 
-runs `train.train_and_evaluate` on configs/test.py with the overrides (values are Python
+runs `trainer.train_and_evaluate` on configs/test.py with the overrides (values are Python
 literals, anything else is a string) on `--devices` fake CPU devices. `--nan-at-step K` turns the
 images of step K's batch into NaN, the way a corrupt record would, to exercise the NaN guard
 without a debug option in the library. The result summary is printed as the last line, JSON.
@@ -77,9 +77,9 @@ def _inject_nan(step: int) -> None:
     """Makes the training iterator return NaN images for step `step` (1-based)."""
     import numpy as np
 
-    from puseg_jax import input_pipeline
+    from puseg_jax.data import pipeline
 
-    make = input_pipeline.make_train_iterator
+    make = pipeline.make_train_iterator
 
     class NaNAt:
         def __init__(self, inner):
@@ -101,7 +101,7 @@ def _inject_nan(step: int) -> None:
         def set_state(self, state):
             self.inner.set_state(state)
 
-    input_pipeline.make_train_iterator = lambda ds, config: NaNAt(make(ds, config))
+    pipeline.make_train_iterator = lambda ds, config: NaNAt(make(ds, config))
 
 
 def main() -> None:
@@ -118,7 +118,7 @@ def main() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(REPO))
 
-    from puseg_jax import train
+    from puseg_jax.train import trainer
     from tests.conftest import test_config
 
     overrides = {}
@@ -136,7 +136,7 @@ def main() -> None:
         )
     if args.nan_at_step:
         _inject_nan(args.nan_at_step)
-    summary = train.train_and_evaluate(test_config(**overrides), args.workdir)
+    summary = trainer.train_and_evaluate(test_config(**overrides), args.workdir)
     print(json.dumps(summary, default=str), flush=True)
 
 

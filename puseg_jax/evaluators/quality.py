@@ -38,8 +38,9 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from puseg_jax import evaluation, metrics
-from puseg_jax.datasets import DatasetInfo
+from puseg_jax import metrics
+from puseg_jax.core.datasets import DatasetInfo
+from puseg_jax.evaluators import scoring
 
 QC_SCORES = ("image_mean", "region_mean", "boundary_mean", "region_per_area")
 # When source validation cannot choose (no saved predictions, or no Dice spread): the case-mean
@@ -96,24 +97,24 @@ def case_qc(
     """QC scores of every case of a split's predictions.
 
     Args:
-      pred: `evaluation.predict_split`'s output (probs, uncertainty, case_id, slice_index);
+      pred: `predict.predict_split`'s output (probs, uncertainty, case_id, slice_index);
         labels are not read.
       info: the dataset family.
-      config: the experiment config (the post-processing of `evaluation.structure_masks`).
+      config: the experiment config (the post-processing of `scoring.structure_masks`).
       band: in network pixels; None takes `config.eval.boundary_width`.
 
     Returns:
       [{'case_id', 'scores': {candidate: {structure: score}}, 'pixels': {structure: predicted
-      pixels on the network grid}}] in the order of `evaluation.group_cases`.
+      pixels on the network grid}}] in the order of `scoring.group_cases`.
     """
     band = config.eval.boundary_width if band is None else band
     rows = []
-    for case_id, idx in evaluation.group_cases(pred, info.volumetric):
+    for case_id, idx in scoring.group_cases(pred, info.volumetric):
         probs, unc = pred["probs"][idx], pred["uncertainty"][idx]
         if info.volumetric:
-            pm = evaluation.structure_masks(probs, info, config)
+            pm = scoring.structure_masks(probs, info, config)
         else:
-            pm, unc = evaluation.structure_masks(probs[0], info, config), unc[0]
+            pm, unc = scoring.structure_masks(probs[0], info, config), unc[0]
         scores = structure_qc_scores(pm, unc, band)
         rows.append(
             {

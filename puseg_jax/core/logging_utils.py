@@ -100,7 +100,7 @@ def setup_run_log(workdir: str, verbose: bool) -> None:
     console to the program's own lines unless `verbose`.
 
     Called once by `main.py`, after absl has parsed the flags and installed its log handler;
-    tests and notebooks that call `train.train_and_evaluate` directly keep Python's defaults.
+    tests and notebooks that call `trainer.train_and_evaluate` directly keep Python's defaults.
     When stdout already is that log.txt (`./run.sh experiments` redirects each run's output
     there), the output is the log: it is left alone, unfiltered, so each line is written once.
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from puseg_jax import conv_ops
+from puseg_jax.model import conv_ops
 
 
 class ConvNormAct(nn.Module):

@@ -385,7 +385,7 @@ def compute_loss(
       config: the experiment config (uses `method`, `loss.*`, `num_train_steps`).
       outputs: the network outputs ('logits', and 'log_var' for the uncertainty methods), and
         for `loss.uncertainty_source='mc_dropout'` 'mc_probs', the mean probabilities of the
-        MC-dropout passes [B, H, W, K] (see `train.train_step`).
+        MC-dropout passes [B, H, W, K] (see `steps.train_step`).
       mask: class mask [B, H, W] int32.
       rng: the step's key (same on every device).
       step: the global step, for the lambda ramp.

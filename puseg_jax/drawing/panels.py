@@ -2,9 +2,9 @@
 
 A leaf of the package (numpy, matplotlib and PIL only): evaluation draws the panels it writes
 (`eval/<name>/panel_*.png` and the TensorBoard images) with `draw_panel`, and the notebook
-helpers (`inspect_utils`) and `python -m puseg_jax.visualize` build their figures from the same
-tiles, colours, legend and colour bar. Nothing here knows about configs, datasets or JAX: a case
-arrives as arrays and text.
+helpers (`runs.workdir_figures`) and `python -m puseg_jax.visualize` build their figures from
+the same tiles, colours, legend and colour bar. Nothing here knows about configs, datasets or
+JAX: a case arrives as arrays and text.
 """
 
 import os

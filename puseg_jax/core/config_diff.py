@@ -1,8 +1,8 @@
 """Which config fields change what a run computes, and which are incidental.
 
 One list, used twice: resuming a workdir whose saved config differs in a field that changes the
-computation is an error (`train.train_and_evaluate`), and the experiment runner names each run's
-folder by every override that is not incidental (`experiments.run_dir`), so that runs that
+computation is an error (`trainer.train_and_evaluate`), and the experiment runner names each run's
+folder by every override that is not incidental (`suite.run_dir`), so that runs that
 compute different things never share a folder or a table row.
 
 Incidental fields change how a run is logged, stored, laid out on devices, compiled or where it
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "default.py"
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "default.py"
 
 # Dotted names; a name ending in '.' covers every field under that group.
 INCIDENTAL_FIELDS = (

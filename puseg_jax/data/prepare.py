@@ -16,10 +16,10 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
-from puseg_jax import logging_utils
-from puseg_jax.datasets import DatasetInfo
+from puseg_jax.core import logging_utils
+from puseg_jax.core.datasets import DatasetInfo
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict) -> str:
@@ -112,7 +112,7 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    from puseg_jax.datasets import get_dataset_info
+    from puseg_jax.core.datasets import get_dataset_info
 
     config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 

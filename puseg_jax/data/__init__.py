@@ -1,0 +1,2 @@
+"""Data: building the TFDS domains, reading them, transforms, and the training and evaluation
+batches."""

@@ -1,0 +1,2 @@
+"""Evaluation of named evaluators: predict, score, write the reports and panels; per-case
+quality control."""

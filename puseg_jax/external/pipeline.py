@@ -1,0 +1,374 @@
+"""A trained run on a new hospital: restore the reported checkpoint, predict, score when
+labelled, write the reports (`evaluate_external`)."""
+
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from data_builders import common
+from puseg_jax import parallel
+from puseg_jax.core.datasets import DatasetInfo
+from puseg_jax.core.logging_utils import MetricWriter
+from puseg_jax.evaluators import predict, quality, reports, scoring
+from puseg_jax.external.folders import (
+    DOMAIN,
+    ROLE,
+    SPLIT,
+    ExternalData,
+    find_external_data,
+    folder_builder,
+    prepare_external,
+    training_center_crop,
+)
+from puseg_jax.external.qc import (
+    REVIEW_COLUMNS,
+    REVIEW_FILE,
+    choose_on_source_val,
+    review_rows,
+    write_review,
+)
+from puseg_jax.external.writers import PREDICTIONS_DIR, write_native_predictions
+from puseg_jax.runs import workdir as runs_workdir
+from puseg_jax.train import checkpoints
+from puseg_jax.train import config as train_config
+from puseg_jax.train import steps as train_steps
+
+NO_SCORE_NOTE = "No labels: predictions and uncertainty maps were written, no score was computed."
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# ---------------------------------------------------------------------------------------------
+# The run: config, reported checkpoint, name of the report.
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (its config.json), checked: its dataset family
+    must have a folder builder."""
+    config = runs_workdir.load_config(workdir, announce="[eval]")
+    folder_builder(config.data.name)
+    return config
+
+
+def reported_checkpoint(workdir: str) -> tuple[str, int, str]:
+    """The checkpoint a finished run reported: (which folder 'last' | 'best', step, its label
+    as summary.json writes it, 'last' or 'best@<step>').
+
+    Raises:
+      FileNotFoundError: no summary.json (the run has not finished its final evaluation, or this
+        is not a workdir), or no checkpoint at that step.
+    """
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: the run in {workdir} has not finished (its summary names the "
+            "checkpoint it reports). Finish or resume the training, or write the summary with "
+            "`python -m puseg_jax.main --config ... --workdir W --mode=eval`."
+        )
+    with open(path) as f:
+        summary = json.load(f)
+    label, step = str(summary.get("checkpoint", "")), summary.get("step")
+    if label == "last":
+        which = "last"
+    elif label.startswith("best@"):
+        which, step = "best", int(label.split("@", 1)[1])
+    else:
+        raise ValueError(f"{path}: unknown checkpoint {label!r} (expected 'last' or 'best@N')")
+    folder = os.path.join(workdir, "checkpoints", which)
+    steps = (
+        sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
+    )
+    if step is None or int(step) not in steps:
+        raise FileNotFoundError(
+            f"{workdir}: summary.json reports checkpoint {label!r} at step {step}, but "
+            f"{folder} holds steps {steps}"
+        )
+    return which, int(step), label
+
+
+def check_name(workdir: str, config: ml_collections.ConfigDict, name: str, overwrite: bool) -> None:
+    """Refuses a report name that is not a plain folder name, that an evaluator of the run owns,
+    or that exists already (unless `overwrite`)."""
+    if not _NAME.match(name):
+        raise ValueError(
+            f"--name {name!r}: use letters, digits, '_', '.' and '-', starting with a letter or "
+            "digit"
+        )
+    evals = train_config.resolve_evals(config)
+    if name in evals:
+        raise ValueError(
+            f"--name {name!r} is an evaluator of {workdir} (role {evals[name]['role']}); its "
+            "report would be overwritten. Pick another --name."
+        )
+    target = os.path.join(workdir, "eval", name)
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+
+
+def restore_model(
+    config: ml_collections.ConfigDict, info: DatasetInfo, workdir: str, which: str, step: int, mesh
+):
+    """The reported state placed for the eval step, and the wrapped eval step.
+
+    The parameters and BatchNorm statistics are read from the checkpoint's own metadata, so no
+    model is initialised (no compilation besides the eval step's); the optimizer is not needed.
+    """
+    strategy = config.parallel.strategy
+    _, raw = checkpoints.load_state(workdir, step, which)
+    model = train_steps.create_model(config, info)
+    tx = optax.identity()
+    state = train_steps.TrainState(
+        step=raw["step"],
+        apply_fn=model.apply,
+        params=raw["params"],
+        tx=tx,
+        opt_state=tx.init(raw["params"]),
+        batch_stats=raw.get("batch_stats", {}),
+    )
+    state = parallel.replicate(jax.device_get(state), mesh, strategy)
+    p_eval_step = parallel.wrap_eval_step(
+        functools.partial(train_steps.eval_step, config=config, label_mode=info.label_mode),
+        mesh,
+        strategy,
+    )
+    return state, p_eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports.
+
+
+def _scalars(name: str, res: dict) -> dict[str, float]:
+    """The report's scalars for TensorBoard (undefined ones, e.g. an AUROC without failures,
+    left out)."""
+    out = {}
+    for s, sm in res.get("structures", {}).items():
+        for m in scoring.SURFACE_METRICS:
+            out[f"eval/{name}/{s}/{m}"] = sm[m]["mean"]
+    for k, v in res.get("uncertainty", {}).items():
+        if k != "reliability":
+            out[f"eval/{name}/uncertainty/{k}"] = v
+    for s, d in res["qc"].get("detection", {}).items():
+        out[f"eval/{name}/qc/{s}/auroc"] = d["auroc"]
+        out[f"eval/{name}/qc/{s}/spearman"] = d["spearman"]
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole evaluation.
+
+
+def evaluate_external(
+    workdir: str,
+    data: str | os.PathLike,
+    name: str | None = None,
+    labels: str = "auto",
+    fail_dice: float | Mapping[str, float] = quality.DEFAULT_FAIL_DICE,
+    qc_score: str = "auto",
+    center_crop: int | None | str = "train",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Evaluates a run's reported checkpoint on a folder of the user's own (a test-only domain)
+    and writes `<workdir>/eval/<name>/` (see the module docstring).
+
+    Args:
+      workdir: a finished training workdir (config.json, summary.json, checkpoints/).
+      data: the user's folder.
+      name: the report's name; default the folder's name.
+      labels: 'auto' (use masks when present), 'yes' (masks required) or 'no' (ignore them).
+      fail_dice: a case fails a structure below this Dice (one number, or per structure).
+      qc_score: 'auto' (chosen on the run's source validation) or one of `quality.QC_SCORES`.
+      center_crop: fundus only: 'train' (what the model saw), an int, or None (whole images).
+      overwrite: replace an existing `eval/<name>` of an earlier external evaluation.
+
+    Returns:
+      The written summary.json content.
+    """
+    # ---- checks, before anything is built or compiled -------------------------------------
+    workdir = os.path.abspath(workdir)
+    config = load_run_config(workdir)
+    info = train_config.validate_config(config)
+    which, step, checkpoint = reported_checkpoint(workdir)
+    name = name or Path(data).expanduser().resolve().name
+    check_name(workdir, config, name, overwrite)
+    if qc_score != "auto" and qc_score not in quality.QC_SCORES:
+        raise ValueError(f"qc_score must be 'auto' or one of {quality.QC_SCORES}, got {qc_score!r}")
+    thresholds = quality.fail_thresholds(fail_dice, info.structures)
+    crop = training_center_crop(config) if center_crop == "train" else center_crop
+    if crop is not None and (not isinstance(crop, int) or crop < 1):
+        raise ValueError(f"center_crop must be 'train', None or a positive int, got {crop!r}")
+    ext = find_external_data(data, config.data.name, labels, crop)
+
+    eval_root = os.path.join(workdir, "eval")
+    os.makedirs(eval_root, exist_ok=True)
+    stage_root = tempfile.mkdtemp(prefix=f".partial-{name}-", dir=eval_root)
+    try:
+        # ---- build the folder as a test-only domain ------------------------------------------
+        ctor = config.data.get("builder_kwargs")
+        ext_info, ext_config = prepare_external(
+            ext, info, config, os.path.join(stage_root, "tfds"), ctor.to_dict() if ctor else {}
+        )
+
+        # ---- predict with the reported checkpoint --------------------------------------------
+        mesh = parallel.create_mesh(config.parallel.num_devices)
+        n_dev = mesh.devices.size
+        # Any device count: the batch is padded anyway, so round it up to a multiple.
+        ext_config.eval.batch_size = -(-int(config.eval.batch_size) // n_dev) * n_dev
+        state, p_eval_step = restore_model(config, info, workdir, which, step, mesh)
+        _, _, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
+        pred = predict.predict_split(
+            p_eval_step,
+            state,
+            eval_rng,
+            ext_config,
+            ext_info,
+            ext_config.data.data_dir,
+            mesh,
+            config.parallel.strategy,
+            DOMAIN,
+            SPLIT,
+        )
+        if not ext.labels:
+            check_unlabelled(pred, ext)
+
+        # ---- scores (with labels), QC, outputs -----------------------------------------------
+        stage = os.path.join(stage_root, "eval", name)
+        os.makedirs(stage)
+        writer = MetricWriter(stage)
+        try:
+            ev = {"domain": name, "split": SPLIT, "role": ROLE}
+            rows = dice = None
+            if ext.labels:
+                # Exactly as a target evaluator: same grid (eval.resolution), same fields.
+                res, rows = scoring.score_split(pred, ext_info, ext_config, ev, step)
+                dice = {r["case_id"]: {s: r[s]["dice"] for s in info.structures} for r in rows}
+            else:
+                res = unscored_result(ev, step, pred, info)
+            res |= _external_fields(config, ext, checkpoint)
+            choice = (
+                choose_on_source_val(workdir, config, info, thresholds)
+                if qc_score == "auto"
+                else {"score": qc_score, "criterion": "given", "source": []}
+            )
+            qc_rows = quality.case_qc(pred, ext_info, ext_config)
+            res["qc"] = {
+                "score": choice["score"],
+                "choice": choice,
+                "grid": "network",
+                "band_pixels": config.eval.boundary_width,
+                "fail_dice": thresholds,
+            }
+            if dice is not None:
+                res["qc"]["detection"] = quality.detection_report(
+                    qc_rows, dice, choice["score"], thresholds
+                )
+            outputs = write_native_predictions(
+                pred, ext, ext_info, ext_config, os.path.join(stage, PREDICTIONS_DIR)
+            )
+            size_unit = "mm3" if ext.builder == "prostate" else "pixel"
+            review = review_rows(
+                qc_rows,
+                choice["score"],
+                {c: o["size"] for c, o in outputs.items()},
+                size_unit,
+                info,
+                dice,
+                thresholds,
+            )
+            write_review(os.path.join(stage, REVIEW_FILE), review)
+            res["review"] = [
+                {k: r[k] for k in REVIEW_COLUMNS} for r in review[: config.eval.num_panels]
+            ]
+            # rows None (no labels): no per_case.csv, no label saved, panels without ground truth.
+            reports.write_domain_reports(
+                stage_root, name, res, rows, pred, ext_info, ext_config, step, writer
+            )
+            writer.scalars(step, _scalars(name, res))
+        finally:
+            writer.close()
+
+        # ---- publish: one rename ------------------------------------------------------------
+        final = os.path.join(eval_root, name)
+        if os.path.exists(final):  # overwrite was allowed by check_name
+            os.replace(final, os.path.join(stage_root, "replaced"))
+        os.replace(stage, final)
+    finally:
+        shutil.rmtree(stage_root, ignore_errors=True)
+    _print_result(res, final)
+    return res
+
+
+def check_unlabelled(pred: Mapping[str, np.ndarray], ext: ExternalData) -> None:
+    """A domain built without labels holds `common.UNLABELLED_MASK_VALUE` in every mask, on the
+    network's and on the native grid; anything else is a builder bug that could be scored."""
+    masks = [pred["mask"]] + list(pred.get("native_mask", []))
+    if not all(np.all(m == common.UNLABELLED_MASK_VALUE) for m in masks):
+        raise RuntimeError(f"The unlabelled build of {ext.root} holds masks: a builder bug")
+
+
+def unscored_result(
+    ev: Mapping[str, str], step: int, pred: Mapping[str, np.ndarray], info: DatasetInfo
+) -> dict[str, Any]:
+    """The summary fields of `scoring.score_split` that do not need labels, and the note
+    that nothing was scored (no 'resolution', 'distance' or 'structures': there are no
+    scores)."""
+    return {
+        "role": ev["role"],
+        "domain": ev["domain"],
+        "split": ev["split"],
+        "step": int(step),
+        "num_examples": int(len(pred["case_id"])),
+        "num_cases": len(scoring.group_cases(pred, info.volumetric)),
+        "distance_unit": scoring.distance_unit(pred),
+        "note": NO_SCORE_NOTE,
+    }
+
+
+def _external_fields(config, ext: ExternalData, checkpoint: str) -> dict[str, Any]:
+    """What a summary of a folder of the user's says beyond an evaluator's fields."""
+    return {
+        "checkpoint": checkpoint,
+        "method": config.method,
+        "dataset": config.data.name,
+        "data": str(ext.root),
+        "layout": ext.layout,
+        "center_crop": ext.center_crop,
+        "labels": ext.labels,
+        "scored": ext.labels,
+        "predictions": PREDICTIONS_DIR,
+        "predictions_grid": "original",
+    }
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _print_result(res: dict, folder: str) -> None:
+    head = f"[eval] {res['domain']} (external, {res['num_cases']} cases, checkpoint "
+    head += f"{res['checkpoint']} at step {res['step']})"
+    if res["scored"]:
+        dice = ", ".join(f"{s} {sm['dice']['mean']:.4f}" for s, sm in res["structures"].items())
+        print(f"{head}: Dice {dice} (scored on the {res['resolution']} grid)", flush=True)
+        det = ", ".join(
+            f"{s} AUROC {_fmt(d['auroc'])} ({d['n_fail']}/{d['n']} failing), "
+            f"Spearman {_fmt(d['spearman'])}"
+            for s, d in res["qc"]["detection"].items()
+        )
+        print(f"[eval] QC score {res['qc']['score']!r} finds failures: {det}", flush=True)
+    else:
+        print(f"{head}: {NO_SCORE_NOTE}", flush=True)
+    top = ", ".join(f"{r['case_id']} ({r['qc_score']:.3g})" for r in res["review"])
+    print(f"[eval] most doubtful ({res['qc']['score']}): {top}", flush=True)
+    print(f"[eval] wrote {folder} (review.csv, predictions/)", flush=True)

@@ -1,0 +1,1 @@
+"""The model: the U-Net, its convolutions, and every method's loss and uncertainty."""

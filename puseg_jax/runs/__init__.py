@@ -1,0 +1,2 @@
+"""Reading and running finished runs: a workdir and its figures, suites of runs, their
+statistics and tables, the explanation under a table."""

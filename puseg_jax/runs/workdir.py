@@ -1,0 +1,297 @@
+"""Looking at a trained workdir: where the model is unsure, and whether that is where it is wrong.
+
+The helpers of `notebooks/inspect_uncertainty.ipynb` and of `python -m puseg_jax.visualize`:
+open a workdir (its `config.json` and the `eval/<name>/` reports evaluation wrote, or its
+checkpoint when the predictions were not saved), pick cases, and draw figures. Every figure is
+a `matplotlib.figure.Figure` made without pyplot, so nothing is shown or kept open behind the
+caller's back: a notebook displays the returned figure, a script saves it (`save_figure`).
+"""
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from puseg_jax.core import config_diff
+from puseg_jax.core.datasets import DatasetInfo, get_dataset_info
+from puseg_jax.evaluators import scoring
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+PREDICTIONS_FILE = "predictions.npz"
+
+
+@dataclasses.dataclass
+class Workdir:
+    """A trained run, as written by `trainer.train_and_evaluate`.
+
+    Attributes:
+      path: the workdir.
+      config: the run's config (from `config.json`).
+      info: the dataset family.
+      evals: eval/<name>/summary.json of each evaluator, by name (sources first, then targets).
+    """
+
+    path: str
+    config: ml_collections.ConfigDict
+    info: DatasetInfo
+    evals: dict[str, dict]
+
+    @property
+    def method(self) -> str:
+        return str(self.config.method)
+
+    @property
+    def eval_names(self) -> list[str]:
+        return list(self.evals)
+
+    def role(self, name: str) -> str:
+        """'source_val' or 'target'."""
+        return self.evals[name]["role"]
+
+    def eval_dir(self, name: str) -> str:
+        return os.path.join(self.path, "eval", name)
+
+
+def default_workdir(env_var: str = "PUSEG_WORKDIR", method: str = "ours") -> str:
+    """`$env_var` if set, else the demo's `workdirs/demo/<method>` (`./run.sh demo`), looked up
+    in the current directory first, then in the repository."""
+    if os.environ.get(env_var):
+        return os.environ[env_var]
+    local = os.path.join("workdirs", "demo", method)
+    if os.path.isdir(local):
+        return local
+    return str(REPO_ROOT / "workdirs" / "demo" / method)
+
+
+def load_config(workdir: str, announce: str = "") -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (its config.json).
+
+    Args:
+      workdir: a training workdir.
+      announce: a console prefix such as '[eval]': when set, the config fields the run predates
+        (taken at their defaults, `config_diff.with_defaults`) are named on the console.
+
+    Returns:
+      The config, completed with the defaults of fields added since the run.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: is {workdir!r} a training workdir? (python -m puseg_jax.main "
+            "writes config.json there; `./run.sh demo` writes workdirs/demo/erm and "
+            "workdirs/demo/ours)"
+        )
+    with open(path) as f:
+        # Fields are added with the old behaviour as their default, so a run older than some
+        # fields computed what their defaults compute.
+        completed, added = config_diff.with_defaults(json.load(f))
+    if added and announce:
+        print(
+            f"{announce} {path} predates {len(added)} config field(s), taken at their defaults: "
+            + ", ".join(added),
+            flush=True,
+        )
+    return ml_collections.ConfigDict(completed)
+
+
+def _evaluator_names(config: ml_collections.ConfigDict) -> list[str]:
+    from puseg_jax.train import config as train_config
+
+    return list(train_config.resolve_evals(config))
+
+
+def missing_predictions(workdir: str) -> list[str]:
+    """Evaluators of a workdir whose `predictions.npz` (or report) is missing."""
+    config = load_config(workdir)
+    return [
+        n
+        for n in _evaluator_names(config)
+        if not all(
+            os.path.isfile(os.path.join(workdir, "eval", n, f))
+            for f in ("summary.json", "per_case.csv", PREDICTIONS_FILE)
+        )
+    ]
+
+
+def evaluate_checkpoint(workdir: str) -> None:
+    """Evaluates the workdir's last checkpoint on every evaluator with predictions saved
+    (`trainer.evaluate_only`, i.e. `--mode=eval`): rewrites eval/ and summary.json."""
+    from puseg_jax.train import trainer
+
+    config = load_config(workdir)
+    config.eval.save_predictions = True
+    trainer.evaluate_only(config, workdir)
+
+
+def open_workdir(workdir: str, evaluate_if_missing: bool = False) -> Workdir:
+    """Opens a workdir for inspection.
+
+    Args:
+      workdir: a training workdir.
+      evaluate_if_missing: when some evaluator lacks its saved predictions (a run with
+        `eval.save_predictions=False`, or one stopped before its final evaluation), evaluate the
+        checkpoint first (needs JAX and the data); otherwise raise.
+
+    Returns:
+      The `Workdir`.
+    """
+    config = load_config(workdir)
+    missing = missing_predictions(workdir)
+    if missing and evaluate_if_missing:
+        print(f"[inspect] {workdir}: no saved predictions for {missing}; evaluating the checkpoint")
+        evaluate_checkpoint(workdir)
+        missing = missing_predictions(workdir)
+    if missing:
+        raise FileNotFoundError(
+            f"{workdir}: eval/<name>/{PREDICTIONS_FILE} missing for {missing}; pass "
+            "evaluate_if_missing=True (command line: --evaluate_if_missing) to evaluate the "
+            "checkpoint"
+        )
+    evals = {}
+    for name in _evaluator_names(config):
+        with open(os.path.join(workdir, "eval", name, "summary.json")) as f:
+            evals[name] = json.load(f)
+    order = sorted(evals, key=lambda n: evals[n]["role"] != "source_val")  # stable
+    evals = {n: evals[n] for n in order}
+    return Workdir(workdir, config, get_dataset_info(config.data.name), evals)
+
+
+def default_domain(wd: Workdir) -> str:
+    """`$PUSEG_DOMAIN` if set, else the first target domain (the unseen scanner), else the first
+    evaluator."""
+    name = os.environ.get("PUSEG_DOMAIN")
+    if name:
+        if name not in wd.evals:
+            raise ValueError(f"PUSEG_DOMAIN={name!r}: not one of {wd.eval_names}")
+        return name
+    targets = [n for n in wd.evals if wd.role(n) == "target"]
+    return (targets or wd.eval_names)[0]
+
+
+def load_predictions(wd: Workdir, name: str) -> dict[str, np.ndarray]:
+    """An evaluator's saved predictions under the names `predict.predict_split` uses.
+
+    The file stores float16; arrays come back as float32. Masks recomputed from them can differ
+    from the scored ones on pixels within float16 rounding of the threshold; the Dice shown
+    everywhere is the scored one (per_case.csv).
+
+    Returns:
+      {'image' [N, H, W, C], 'mask' [N, H, W] class indices, 'probs' [N, H, W, K],
+      'uncertainty' [N, H, W], 'case_id' [N], 'slice_index' [N]}.
+    """
+    with np.load(os.path.join(wd.eval_dir(name), PREDICTIONS_FILE)) as z:
+        return {
+            "image": z["image"].astype(np.float32),
+            "mask": z["label"],
+            "probs": z["probability"].astype(np.float32),
+            "uncertainty": z["uncertainty"].astype(np.float32),
+            "case_id": z["case_id"],
+            "slice_index": z["slice_index"],
+        }
+
+
+def load_all_predictions(wd: Workdir) -> dict[str, dict[str, np.ndarray]]:
+    """`load_predictions` of every evaluator, by name."""
+    return {n: load_predictions(wd, n) for n in wd.eval_names}
+
+
+def _number(x) -> float:
+    """A JSON or CSV number; evaluation writes undefined values (NaN) as null / empty."""
+    if x is None or x in ("", "None", "null"):
+        return float("nan")
+    return float(x)
+
+
+def load_per_case(wd: Workdir, name: str) -> dict[str, dict[str, dict]]:
+    """per_case.csv as {case_id: {structure: {dice, hd95, asd, empty_pred, empty_gt}}}."""
+    out: dict[str, dict[str, dict]] = {}
+    with open(os.path.join(wd.eval_dir(name), "per_case.csv"), newline="") as f:
+        for row in csv.DictReader(f):
+            out.setdefault(row["case_id"], {})[row["structure"]] = {
+                "dice": _number(row["dice"]),
+                "hd95": _number(row["hd95"]),
+                "asd": _number(row["asd"]),
+                "empty_pred": row["empty_pred"] == "True",
+                "empty_gt": row["empty_gt"] == "True",
+            }
+    return out
+
+
+def mean_case_dice(per_case: dict[str, dict[str, dict]]) -> dict[str, float]:
+    """Mean Dice over structures, per case."""
+    return {c: float(np.mean([s["dice"] for s in row.values()])) for c, row in per_case.items()}
+
+
+def case_uncertainty(pred: dict[str, np.ndarray], info: DatasetInfo) -> dict[str, float]:
+    """Mean pixel uncertainty of each case (all its pixels, all its slices).
+
+    Inputs are the network's fixed size, so this is the uncertain area of a case in units of
+    the image: a case-level flag that needs no label.
+    """
+    return {
+        c: float(pred["uncertainty"][idx].mean())
+        for c, idx in scoring.group_cases(pred, info.volumetric)
+    }
+
+
+def select_cases(
+    pred: dict[str, np.ndarray],
+    per_case: dict[str, dict[str, dict]],
+    info: DatasetInfo,
+    num: int,
+    order: str = "first",
+) -> list[tuple[str, np.ndarray]]:
+    """Picks cases to show.
+
+    Args:
+      pred: an evaluator's predictions (`load_predictions`).
+      per_case: its per-case metrics (`load_per_case`).
+      info: the dataset family.
+      num: how many.
+      order: 'first' (the split's order, as panels and TensorBoard), 'worst' / 'best' (mean Dice
+        over structures), 'most_uncertain' (`case_uncertainty`).
+
+    Returns:
+      (case_id, example indices in slice order), as `scoring.group_cases`.
+    """
+    cases = scoring.group_cases(pred, info.volumetric)
+    if order == "first":
+        return cases[:num]
+    if order in ("worst", "best"):
+        dice = mean_case_dice(per_case)
+        ranked = sorted(cases, key=lambda c: dice[c[0]], reverse=order == "best")
+    elif order == "most_uncertain":
+        u = case_uncertainty(pred, info)
+        ranked = sorted(cases, key=lambda c: -u[c[0]])
+    else:
+        raise ValueError(f"Unknown order {order!r}: first | worst | best | most_uncertain")
+    return ranked[:num]
+
+
+def dice_text(per_case: dict[str, dict[str, dict]], case_id: str) -> str:
+    """'OD 0.912, OC 0.804' for a case."""
+    return ", ".join(f"{s} {m['dice']:.3f}" for s, m in per_case[case_id].items())
+
+
+def uncertainty_table(wds: Workdir | Sequence[Workdir]) -> str:
+    """Markdown table of the uncertainty metrics of every evaluator of one or more workdirs,
+    with the mean Dice over structures."""
+    wds = [wds] if isinstance(wds, Workdir) else list(wds)
+    keys = ("ece", "brier", "nll", "auroc_error", "u_boundary", "u_interior", "u_boundary_ratio")
+    lines = [
+        "| method | domain | role | mean Dice | " + " | ".join(keys) + " |",
+        "|" + "---|" * (4 + len(keys)),
+    ]
+    for wd in wds:
+        for name, ev in wd.evals.items():
+            dice = np.mean([_number(ev["structures"][s]["dice"]["mean"]) for s in ev["structures"]])
+            unc = ev.get("uncertainty", {})
+            cells = " | ".join(f"{_number(unc.get(k)):.4f}" for k in keys)
+            lines.append(f"| {wd.method} | {name} | {ev['role']} | {dice:.4f} | {cells} |")
+    return "\n".join(lines)
