@@ -26,10 +26,11 @@ At the end (or with `table` alone) every finished run of the suite is aggregated
 `<root>/<family>/<suite>/results.md` (and `results.json`): per target and variant, mean +-
 standard deviation over seeds of the target's Dice, HD95 and ASD per structure, the uncertainty
 quality and the source-validation scores; then paired comparisons (`--compare A:B`, default
-`ours:erm`): per-case Dice differences of A and B run with the same seed, with a two-level
-(seeds, then cases) bootstrap 95% interval and the per-seed mean differences. A comparison says
-"better" or "worse" only when its interval excludes zero. `--choose` adds the choice of the
-default `ours` variant by source validation alone (`choose_default`).
+`ours:erm`): per-case Dice differences of A and B run with the same seed, with a 95% interval
+over seeds and cases (`stats.paired_interval`) and the per-seed mean differences. A comparison
+says "better" or "worse" only when its interval excludes zero (never from one seed). `--choose`
+adds, per target, the choice of the default `ours` variant from that target's runs and their
+source validation alone (`choice.choose_per_target`).
 """
 
 import argparse
@@ -93,7 +94,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         help="variant pairs for the paired comparison (default ours:erm)",
     )
     parser.add_argument(
-        "--choose", action="store_true", help="add the source-validation choice of the default"
+        "--choose",
+        action="store_true",
+        help="add the choice of the default per target, from that target's runs on their source "
+        "validation only",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--table", action="store_true", help="only aggregate")

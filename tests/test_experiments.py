@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from puseg_jax import experiments
 from puseg_jax.model import losses
@@ -113,46 +114,49 @@ def test_paired_comparison_by_hand(fake_suite):
     assert od["mean_diff"] == pytest.approx(0.055 / 3)
     assert od["seed_diffs"] == pytest.approx([0.04 / 3, 0.07 / 3])
     assert od["wins"] == 2 and (od["method"], od["baseline"]) == ("ours", "erm")
-    lo, hi = od["ci95"]
-    assert -0.02 - 1e-12 <= lo < 0.055 / 3 < hi <= 0.04 + 1e-12
+    # The split-t interval by hand: V1 = MS_seed / (S n), V2 = (MS_case - MS_err) / (S n).
+    d = np.array([[0.02, 0.04, -0.02], [0.04, 0.02, 0.01]])
+    ms_seed = 3 * 2 * 0.005**2  # seed means 0.0133 and 0.0233 around 0.0183
+    ms_case = 2 * np.sum((d.mean(axis=0) - d.mean()) ** 2) / 2
+    resid = d - d.mean(axis=1, keepdims=True) - d.mean(axis=0) + d.mean()
+    ms_err = float(np.sum(resid**2)) / 2
+    v1, v2 = ms_seed / 6, (ms_case - ms_err) / 6
+    half = np.sqrt(sps.t.ppf(0.975, 1) ** 2 * v1 + sps.t.ppf(0.975, 2) ** 2 * v2)
+    assert half == pytest.approx(0.0740005, abs=1e-6)
+    assert od["ci95"] == pytest.approx((0.055 / 3 - half, 0.055 / 3 + half), rel=1e-9)
+    assert od["interval"] == stats.METHOD and od["verdict"] == "no difference shown"
+    assert od["dropped_cases"] == 0
     oc = next(p for p in paired if p["structure"] == "OC")
     assert oc["mean_diff"] == pytest.approx((0.05 + 0.0 + 0.05) / 3)
 
 
-def test_hierarchical_bootstrap_counts_seeds():
-    rng = np.random.default_rng(0)
-    cases = 80
-    # One seed carries the whole gain; the other two show none (zero-mean case noise).
-    noise = rng.normal(0.0, 0.01, size=(3, cases))
-    noise -= noise.mean(axis=1, keepdims=True)
-    one_seed = noise + np.array([[0.0], [0.039], [0.0]])
-    lo, hi = stats.hierarchical_bootstrap_interval(one_seed)
-    assert lo <= 0.0 < hi, (lo, hi)
-    # The bootstrap over seed-averaged cases (the old table) calls the same data certain.
-    lo_cases, _ = stats.bootstrap_interval(one_seed.mean(axis=0))
-    assert lo_cases > 0.0
-    # The same mean gain in every seed is found.
-    every_seed = noise + 0.013
-    lo, hi = stats.hierarchical_bootstrap_interval(every_seed)
-    assert 0.0 < lo < 0.013 < hi
-    assert stats.verdict((lo, hi)) == "better"
-    assert stats.verdict((-0.02, -0.01)) == "worse"
-    assert stats.verdict((-0.01, 0.02)) == "no difference shown"
-    # One seed: the bootstrap over cases (same resampling scheme, same interval).
-    single = stats.hierarchical_bootstrap_interval(every_seed[:1])
-    assert single == pytest.approx(stats.bootstrap_interval(every_seed[0]), abs=2e-4)
-    with pytest.raises(ValueError, match="seeds, cases"):
-        stats.hierarchical_bootstrap_interval(np.zeros(4))
+def test_one_seed_gives_a_case_interval_and_no_verdict(fake_suite):
+    runs = tables.collect(fake_suite, "fundus", seeds=[1])
+    od = next(p for p in stats.paired_comparison(runs) if p["structure"] == "OD")
+    # Seed 1 alone: +0.04, +0.02, +0.01; the t interval over the three cases.
+    se = np.std([0.04, 0.02, 0.01], ddof=1) / np.sqrt(3)
+    lo, hi = sps.t.interval(0.95, 2, loc=0.07 / 3, scale=se)
+    assert od["ci95"] == pytest.approx((lo, hi))
+    assert od["verdict"] == stats.ONE_SEED
+    # Even a case interval far from zero is no verdict: one seed says nothing about the next.
+    clear = stats.paired_interval(np.array([[0.03, 0.04, 0.05, 0.035]]))
+    assert clear["ci"][0] > 0 and not clear["covers_seed_noise"]
+    assert stats.interval_verdict(clear) == stats.ONE_SEED
+    text = tables.format_results("fundus", tables.aggregate(runs), [od])
+    assert f"| {stats.ONE_SEED} |" in text
 
 
-def test_bootstrap_interval():
-    values = np.random.default_rng(0).normal(1.0, 1.0, 400)
-    lo, hi = stats.bootstrap_interval(values)
-    se = values.std(ddof=1) / np.sqrt(values.size)
-    # The percentile interval of a mean of 400 values is close to the normal one.
-    assert lo == pytest.approx(values.mean() - 1.96 * se, abs=0.25 * se)
-    assert hi == pytest.approx(values.mean() + 1.96 * se, abs=0.25 * se)
-    assert stats.bootstrap_interval(np.array([0.5, 0.5])) == (0.5, 0.5)
+def test_missing_case_scores_are_left_out_of_every_seed(fake_suite):
+    path = fake_suite / "fundus" / "cpu" / "Domain1" / "ours" / "seed1" / "eval" / "Domain1"
+    text = (path / "per_case.csv").read_text().replace("b,OD,0.82,", "b,OD,nan,")
+    (path / "per_case.csv").write_text(text)
+    runs = tables.collect(fake_suite, "fundus")
+    od = next(p for p in stats.paired_comparison(runs) if p["structure"] == "OD")
+    # Case b is dropped from both seeds: seed 0 (+0.02, -0.02), seed 1 (+0.04, +0.01).
+    assert (od["num_cases"], od["dropped_cases"]) == (2, 1)
+    assert od["seed_diffs"] == pytest.approx([0.0, 0.025])
+    assert od["wins"] == 1
+    assert "| 2 (1 left out) | 2 |" in tables.format_results("fundus", tables.aggregate(runs), [od])
 
 
 def test_unpairable_runs_raise(fake_suite):
@@ -183,8 +187,9 @@ def test_variants_are_compared_and_the_default_is_chosen_on_source_validation(tm
     lam3 = "ours__loss.lambda_max=3"
     for target in ("Domain1", "Domain3"):
         for seed in (0, 1):
-            # Target Dice favours lambda 3; source validation favours no highlighting, with
-            # lambda 3 tied on Dice but with the larger source-validation HD95.
+            # Target Dice favours lambda 3. Source validation: on Domain1, no highlighting,
+            # with lambda 3 tied on Dice but with the larger HD95; on Domain3, lambda 3 by
+            # 0.01 Dice. Each target gets its own choice.
             _fake_run(tmp_path, target, "ours", seed, (0.8, 0.6), cases, val=(0.90, 0.70))
             _fake_run(
                 tmp_path,
@@ -194,7 +199,7 @@ def test_variants_are_compared_and_the_default_is_chosen_on_source_validation(tm
                 (0.9, 0.7),
                 cases,
                 variant=lam3,
-                val=(0.905, 0.70),
+                val=(0.905, 0.70) if target == "Domain1" else (0.925, 0.70),
                 val_hd95=(4.0, 6.0),
             )
             _fake_run(
@@ -212,16 +217,25 @@ def test_variants_are_compared_and_the_default_is_chosen_on_source_validation(tm
     argv += ["--compare", f"{lam3}:ours_no_highlight", "ours:erm"]
     assert experiments.main(argv) == 0
     data = json.loads((tmp_path / "fundus" / "cpu" / "results.json").read_text())
-    assert data["choice"]["chosen"] == "ours_no_highlight"
-    assert {c["variant"] for c in data["choice"]["candidates"]} == {
+    choices = {c["target"]: c for c in data["choice"]}
+    assert {t: c["chosen"] for t, c in choices.items()} == {
+        "Domain1": "ours_no_highlight",
+        "Domain3": lam3,
+    }
+    assert {c["variant"] for c in choices["Domain1"]["candidates"]} == {
         "ours",
         lam3,
         "ours_no_highlight",
     }
+    # Only the target's own runs were read, and only their source validation (Domain4 here).
+    assert {u["target"] for u in choices["Domain3"]["used"]} == {"Domain3"}
+    assert choices["Domain1"]["source_val_evals"] == [["Domain4", "test", 3]]
     pairs = {(p["method"], p["baseline"]) for p in data["paired"]}
     assert pairs == {(lam3, "ours_no_highlight"), ("ours", "erm")}
     text = (tmp_path / "fundus" / "cpu" / "results.md").read_text()
-    assert "**Chosen: `ours_no_highlight`.**" in text
+    assert "**Chosen for Domain1: `ours_no_highlight`.**" in text
+    assert "Source-validation evaluators read: Domain4 test (3 cases)." in text
+    assert f"**Chosen for Domain3: `{lam3}`.**" in text
     # The source-validation columns are the pooled values of the run summaries.
     rows = {(r["target"], r["variant"]): r for r in data["rows"]}
     assert rows[("Domain1", lam3)]["stats"]["source_val/OD/hd95"][0] == pytest.approx(4.0)

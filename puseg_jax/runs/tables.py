@@ -1,5 +1,5 @@
 """The results table of a suite: finished runs collected, aggregated over seeds, compared, and
-the default variant chosen on source validation."""
+the default variant chosen per target on source validation (`choice`)."""
 
 import json
 import math
@@ -7,18 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from puseg_jax.model import losses
-from puseg_jax.runs.stats import BOOTSTRAP_SAMPLES, _mean_std, paired_comparison, target_eval
-
-# Variants whose source-validation Dice is within this of the best are tied; the tie goes to
-# the lowest source-validation HD95 (`choose_default`). Fixed before any screen was run.
-CHOICE_DICE_TIE = 0.002
-
-# Methods among which `--choose` picks the default: `ours` with any variant fields, and its
-# ablation without highlighting (a null result keeps what source validation prefers).
-CHOICE_METHODS = ("ours", "ours_no_highlight")
+from puseg_jax.runs import stats
+from puseg_jax.runs.choice import choose_per_target, source_val_rows, source_val_scores
+from puseg_jax.runs.stats import _mean_std, paired_comparison, target_eval
 
 
 def _fmt(mean: float, std: float, digits: int, n: int = 2) -> str:
@@ -86,34 +78,6 @@ def collect(
     return found
 
 
-def source_val_scores(summary: dict[str, Any]) -> dict[str, float]:
-    """Source-validation Dice and HD95 per structure, pooled over the sources' cases.
-
-    Each source evaluator's per-structure mean weighs by its number of cases, so a domain of
-    3 validation images counts as 3 cases, not as a third of the evidence.
-
-    Returns:
-      {'<structure>/dice', '<structure>/hd95' (when reported), 'dice' (mean over structures)};
-      empty when the run has no source-validation evaluator.
-    """
-    evals = [e for e in summary["evals"].values() if e.get("role") == "source_val"]
-    out: dict[str, float] = {}
-    if not evals:
-        return out
-    for s in summary["structures"]:
-        for m in ("dice", "hd95"):
-            pairs = [(e[s].get(m), e.get("num_cases", 1)) for e in evals]
-            pairs = [(v, n) for v, n in pairs if v is not None and math.isfinite(v)]
-            if pairs:
-                out[f"{s}/{m}"] = float(
-                    np.average([v for v, _ in pairs], weights=[n for _, n in pairs])
-                )
-    dice = [out[f"{s}/dice"] for s in summary["structures"] if f"{s}/dice" in out]
-    if dice:
-        out["dice"] = float(np.mean(dice))
-    return out
-
-
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (target, variant): mean, std and count over seeds of every reported number.
 
@@ -173,61 +137,16 @@ def _row_order(item) -> tuple:
     return (target, order.get(method, len(order)), variant)
 
 
-def choose_default(rows: list[dict[str, Any]], methods: Sequence[str] = CHOICE_METHODS) -> dict:
-    """The default `ours` variant chosen on source validation alone (never a target column).
-
-    Rule (fixed before the screen ran): every variant of `methods` present on every target is a
-    candidate; its score is the mean over targets of the seed-mean source-validation Dice
-    (pooled over the sources' cases, averaged over structures). Candidates within
-    `CHOICE_DICE_TIE` of the best are tied, and among them the lowest mean source-validation
-    HD95 (averaged over structures) wins.
-
-    Returns:
-      {'chosen', 'rule', 'candidates': [{'variant', 'source_val_dice', 'source_val_hd95',
-      'tied'}] best first}; 'chosen' is None when there is no candidate.
-    """
-    targets = sorted({r["target"] for r in rows})
-    by_variant: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["method"] in methods:
-            by_variant.setdefault(r["variant"], []).append(r)
-    cands = []
-    for variant, mine in by_variant.items():
-        if sorted(r["target"] for r in mine) != targets:
-            continue
-        dice = float(np.mean([r["stats"]["source_val_dice"][0] for r in mine]))
-        hd = [
-            r["stats"][f"source_val/{s}/hd95"][0]
-            for r in mine
-            for s in r["structures"]
-            if f"source_val/{s}/hd95" in r["stats"]
-        ]
-        hd95 = float(np.mean(hd)) if hd else float("nan")
-        cands.append(dict(variant=variant, source_val_dice=dice, source_val_hd95=hd95))
-    rule = (
-        f"highest mean source-validation Dice over targets {targets}; within {CHOICE_DICE_TIE} "
-        "of the best, the lowest source-validation HD95"
-    )
-    if not cands:
-        return {"chosen": None, "rule": rule, "candidates": []}
-    best = max(c["source_val_dice"] for c in cands)
-    for c in cands:
-        c["tied"] = c["source_val_dice"] >= best - CHOICE_DICE_TIE
-    tied = [c for c in cands if c["tied"]]
-    chosen = min(tied, key=lambda c: (c["source_val_hd95"], -c["source_val_dice"]))["variant"]
-    cands.sort(key=lambda c: -c["source_val_dice"])
-    return {"chosen": chosen, "rule": rule, "candidates": cands}
-
-
 def format_results(
     family: str,
     rows: list[dict[str, Any]],
     paired: list[dict[str, Any]],
-    choice: dict | None = None,
+    choices: Sequence[dict[str, Any]] | None = None,
     suite: str = "cpu",
 ) -> str:
     """The markdown report: source-validation table, target table, mean over targets, paired
-    comparisons, and (when given) the choice of the default variant."""
+    comparisons, and (when given) the choice of the default variant per target
+    (`choice.choose_per_target`)."""
     if not rows:
         return f"# {family} ({suite}): no finished runs\n"
     structures = rows[0]["structures"]
@@ -303,9 +222,12 @@ def format_results(
         lines.append("No pair of compared variants has runs with a common seed on one target.")
     else:
         lines += [
-            "A − B per case, runs paired by seed; 95% interval: two-level percentile bootstrap "
-            f"(seeds, then cases within each seed; {BOOTSTRAP_SAMPLES} resamples). 'better' or "
-            "'worse' only when the interval excludes zero.",
+            "A − B per case, runs paired by seed. 95% interval for the expected difference on a "
+            "new case of the target for a new training seed: mean ± sqrt(t²(S−1)·V1 + "
+            "t²(n−1)·V2), V1 = MS_seed/(S·n), V2 = max(MS_case − MS_err, 0)/(S·n) from the "
+            "seed x case ANOVA (docs/method.md). 'better' or 'worse' only when it excludes zero; "
+            f"with one seed the interval is over cases for that seed only: '{stats.ONE_SEED}'. "
+            "Cases without a score in some seed are left out of every seed (counted in 'cases').",
             "",
             "| target | structure | A | B | cases | seeds | mean Δ Dice | per-seed Δ | 95% CI "
             "| verdict | A better (cases) |",
@@ -313,28 +235,45 @@ def format_results(
         ]
         for p in paired:
             lo, hi = p["ci95"]
+            ci = f"[{lo:+.4f}, {hi:+.4f}]" if math.isfinite(lo) else "n/a"
             per_seed = ", ".join(f"{x:+.4f}" for x in p["seed_diffs"])
+            cases = str(p["num_cases"])
+            if p["dropped_cases"]:
+                cases += f" ({p['dropped_cases']} left out)"
             lines.append(
                 f"| {p['target']} | {p['structure']} | {p['method']} | {p['baseline']} | "
-                f"{p['num_cases']} | {len(p['seeds'])} | {p['mean_diff']:+.4f} | {per_seed} | "
-                f"[{lo:+.4f}, {hi:+.4f}] | {p['verdict']} | {p['wins']}/{p['num_cases']} |"
+                f"{cases} | {len(p['seeds'])} | {p['mean_diff']:+.4f} | {per_seed} | "
+                f"{ci} | {p['verdict']} | {p['wins']}/{p['num_cases']} |"
             )
-    if choice is not None:
-        lines += ["", "## Default chosen on source validation", "", f"Rule: {choice['rule']}.", ""]
-        if choice["chosen"] is None:
-            lines.append("No variant of `ours` ran on every target: nothing chosen.")
-        else:
-            lines += [
-                "| variant | mean source-val Dice | mean source-val HD95 | tied with the best |",
-                "|---|---|---|---|",
-            ]
-            for c in choice["candidates"]:
-                lines.append(
-                    f"| {c['variant']} | {c['source_val_dice']:.4f} | "
-                    f"{_cell((c['source_val_hd95'], 0.0, 1), 2)} | {'yes' if c['tied'] else ''} |"
-                )
-            lines += ["", f"**Chosen: `{choice['chosen']}`.**"]
+    for c in choices or ():
+        lines += _format_choice(c)
     return "\n".join(lines) + "\n"
+
+
+def _format_choice(choice: dict[str, Any]) -> list[str]:
+    """The markdown of one target's choice."""
+    target = choice["target"]
+    lines = [
+        "",
+        f"## Default chosen for {target} on source validation",
+        "",
+        f"Rule: {choice['rule']}. Source-validation evaluators read: "
+        + ", ".join(f"{d} {sp} ({n} cases)" for d, sp, n in choice["source_val_evals"])
+        + ".",
+        "",
+    ]
+    if choice["chosen"] is None:
+        return lines + [f"No variant of `ours` ran on {target}: nothing chosen."]
+    lines += [
+        "| variant | seeds | source-val Dice | source-val HD95 | tied with the best |",
+        "|---|---|---|---|---|",
+    ]
+    for c in choice["candidates"]:
+        lines.append(
+            f"| {c['variant']} | {len(c['seeds'])} | {c['source_val_dice']:.4f} | "
+            f"{_cell((c['source_val_hd95'], 0.0, 1), 2)} | {'yes' if c['tied'] else ''} |"
+        )
+    return lines + ["", f"**Chosen for {target}: `{choice['chosen']}`.**"]
 
 
 def _variant_order(row: dict) -> tuple:
@@ -358,7 +297,8 @@ def write_results(
       root, family, suite: which runs (`collect`).
       variants, targets, seeds: optional restrictions (`collect`).
       compare: (A, B) variant pairs to compare; default [('ours', 'erm')].
-      choose: add the source-validation choice of the default variant (`choose_default`).
+      choose: add the choice of the default variant for each target, from that target's runs
+        and their source validation only (`choice.choose_per_target`).
 
     Returns:
       The markdown report.
@@ -366,12 +306,16 @@ def write_results(
     runs = collect(root, family, suite, variants, targets, seeds)
     rows = aggregate(runs)
     paired = [p for a, b in (compare or [("ours", "erm")]) for p in paired_comparison(runs, a, b)]
-    choice = choose_default(rows) if choose else None
-    text = format_results(family, rows, paired, choice, suite)
+    choices = None
+    if choose:
+        choices = []
+        for target in sorted({r["target"] for r in runs}):
+            choices.append(choose_per_target(source_val_rows(runs, target), target))
+    text = format_results(family, rows, paired, choices, suite)
     out = Path(root) / family / suite
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
-    record = {"suite": suite, "rows": rows, "paired": paired, "choice": choice}
+    record = {"suite": suite, "rows": rows, "paired": paired, "choice": choices}
     with open(out / "results.json", "w") as f:
         json.dump(record, f, indent=2)
     return text
