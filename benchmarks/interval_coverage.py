@@ -2,7 +2,7 @@
 screen's records: spreads measured per target and structure, then simulated studies.
 
     python -m benchmarks.interval_coverage [--root docs/results/fundus_highlight_screen_h200]
-        [--studies 4000] [--out interval_coverage.json]
+        [--studies 4000] [--out benchmarks/interval_coverage.json]
 
 Spreads: for each target (Domain1, Domain3) and structure (OD, OC), every screened variant of
 `ours` minus `ours_no_highlight`, per seed and case (2 seeds), gives an [S, n] table; the moment
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="docs/results/fundus_highlight_screen_h200")
     parser.add_argument("--studies", type=int, default=4000, help="simulated studies per cell")
-    parser.add_argument("--out", default="interval_coverage.json")
+    parser.add_argument("--out", default="benchmarks/interval_coverage.json")
     args = parser.parse_args()
     t0 = time.time()
     methods = dict(power.INTERVAL_METHODS, old_bootstrap=old_bootstrap)
