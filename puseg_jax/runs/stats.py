@@ -1,11 +1,12 @@
 """Statistics over seeds and cases: bootstrap intervals, paired comparisons and their verdict."""
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from puseg_jax.runs.run_folder import RunFolder
 
 BOOTSTRAP_SAMPLES = 10_000
 
@@ -32,10 +33,9 @@ def target_eval(summary: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def read_per_case(workdir: str | Path, eval_name: str) -> dict[tuple[str, str], float]:
-    """{(case_id, structure): Dice} from `<workdir>/eval/<eval_name>/per_case.csv`."""
-    path = Path(workdir) / "eval" / eval_name / "per_case.csv"
-    with open(path, newline="") as f:
-        return {(row["case_id"], row["structure"]): float(row["dice"]) for row in csv.DictReader(f)}
+    """{(case_id, structure): Dice} of an evaluator's per-case table (`RunFolder.per_case`)."""
+    per_case = RunFolder(workdir).per_case(eval_name)
+    return {(c, s): m["dice"] for c, row in per_case.items() for s, m in row.items()}
 
 
 def bootstrap_interval(
