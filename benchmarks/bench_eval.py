@@ -27,6 +27,7 @@ from puseg_jax.core.datasets import get_dataset_info
 from puseg_jax.core.logging_utils import MetricWriter
 from puseg_jax.evaluators import reports as evaluators_reports
 from puseg_jax.evaluators import scoring
+from puseg_jax.evaluators.records import Predictions
 
 
 def _blob(rng: np.random.Generator, shape: tuple[int, ...], radius: float) -> np.ndarray:
@@ -49,7 +50,7 @@ def _probability(rng: np.random.Generator, gt: np.ndarray) -> np.ndarray:
     return np.clip(p, 0.0, 1.0)
 
 
-def fundus_pred(rng: np.random.Generator, cases: int, size: int = 256) -> dict[str, np.ndarray]:
+def fundus_pred(rng: np.random.Generator, cases: int, size: int = 256) -> Predictions:
     """`predict_split`-like output for 2-D fundus cases."""
     masks, probs = [], []
     for _ in range(cases):
@@ -58,25 +59,27 @@ def fundus_pred(rng: np.random.Generator, cases: int, size: int = 256) -> dict[s
         masks.append(od.astype(np.int32) + oc)
         probs.append(np.stack([_probability(rng, od), _probability(rng, oc)], -1))
     probs = np.stack(probs)
-    return {
-        "image": rng.standard_normal((cases, size, size, 3)).astype(np.float32),
-        "mask": np.stack(masks),
-        "probs": probs,
-        "uncertainty": 1 - np.abs(2 * probs.max(-1) - 1),
-        "spacing": np.tile(np.float32([2.0, 2.0, 1.0]), (cases, 1)),
-        "spacing_unit": np.array(["pixel"] * cases),
-        "case_id": np.array([f"f{i:03d}" for i in range(cases)]),
-        "slice_index": np.zeros(cases, np.int64),
-        "num_slices": np.ones(cases, np.int64),
-        "index": np.arange(cases),
-        "native_shape": np.tile(np.int32([size, size]), (cases, 1)),
-        "native_spacing": np.ones((cases, 3), np.float32),
-    }
+    return Predictions(
+        **{
+            "image": rng.standard_normal((cases, size, size, 3)).astype(np.float32),
+            "label": np.stack(masks),
+            "probability": probs,
+            "uncertainty": 1 - np.abs(2 * probs.max(-1) - 1),
+            "spacing": np.tile(np.float32([2.0, 2.0, 1.0]), (cases, 1)),
+            "spacing_unit": np.array(["pixel"] * cases),
+            "case_id": np.array([f"f{i:03d}" for i in range(cases)]),
+            "slice_index": np.zeros(cases, np.int64),
+            "num_slices": np.ones(cases, np.int64),
+            "index": np.arange(cases),
+            "native_shape": np.tile(np.int32([size, size]), (cases, 1)),
+            "native_spacing": np.ones((cases, 3), np.float32),
+        }
+    )
 
 
 def prostate_pred(
     rng: np.random.Generator, volumes: int, slices: int, size: int = 256
-) -> dict[str, np.ndarray]:
+) -> Predictions:
     """`predict_split`-like output for volumes, slices in shuffled order."""
     masks, probs, case_ids, slice_ids = [], [], [], []
     for v in range(volumes):
@@ -89,20 +92,22 @@ def prostate_pred(
     n = volumes * slices
     order = rng.permutation(n)
     probs = np.concatenate(probs)[order]
-    return {
-        "image": rng.standard_normal((n, size, size, 1)).astype(np.float32),
-        "mask": np.concatenate(masks)[order],
-        "probs": probs,
-        "uncertainty": 1 - np.abs(2 * probs[..., 1] - 1),
-        "spacing": np.tile(np.float32([0.6, 0.6, 3.6]), (n, 1)),
-        "spacing_unit": np.array(["mm"] * n),
-        "case_id": np.array(case_ids)[order],
-        "slice_index": np.array(slice_ids)[order],
-        "num_slices": np.full(n, slices),
-        "index": np.arange(n),
-        "native_shape": np.tile(np.int32([size, size]), (n, 1)),
-        "native_spacing": np.tile(np.float32([0.6, 0.6, 3.6]), (n, 1)),
-    }
+    return Predictions(
+        **{
+            "image": rng.standard_normal((n, size, size, 1)).astype(np.float32),
+            "label": np.concatenate(masks)[order],
+            "probability": probs,
+            "uncertainty": 1 - np.abs(2 * probs[..., 1] - 1),
+            "spacing": np.tile(np.float32([0.6, 0.6, 3.6]), (n, 1)),
+            "spacing_unit": np.array(["mm"] * n),
+            "case_id": np.array(case_ids)[order],
+            "slice_index": np.array(slice_ids)[order],
+            "num_slices": np.full(n, slices),
+            "index": np.arange(n),
+            "native_shape": np.tile(np.int32([size, size]), (n, 1)),
+            "native_spacing": np.tile(np.float32([0.6, 0.6, 3.6]), (n, 1)),
+        }
+    )
 
 
 def best_of(repeats: int, fn) -> float:

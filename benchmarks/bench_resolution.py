@@ -65,8 +65,9 @@ def main() -> None:
         ev = evals[name]
         t0 = time.perf_counter()
         pred = predict.predict_split(
-            p_eval_step, state, eval_rng, config, info, data_dir, mesh, strategy,
-            ev["domain"], ev["split"],
+            p_eval_step=p_eval_step, state=state, rng=eval_rng, config=config, info=info,
+            data_dir=data_dir, mesh=mesh, strategy=strategy, domain=ev["domain"],
+            split=ev["split"],
         )  # fmt: skip
         predict_s = time.perf_counter() - t0
         for resolution in ("network", "native"):

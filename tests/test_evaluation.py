@@ -9,6 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
+from puseg_jax.core.logging_utils import MetricWriter
+from puseg_jax.evaluators import records
+from puseg_jax.evaluators.records import Predictions
 from tests.conftest import test_config as make_config
 
 PROSTATE_KWARGS = {"num_train": 2, "num_test": 2, "num_slices": 6, "size": 32}
@@ -46,13 +49,13 @@ def _volume_pred(rng, cases, num_slices=5, size=24, spacing=(0.5, 0.7, 3.0)):
         for s in range(num_slices):
             rows.append((f"case{c}", s, volume[s]))
     order = rng.permutation(len(rows))
-    return {
-        "case_id": np.array([rows[i][0] for i in order]),
-        "slice_index": np.array([rows[i][1] for i in order]),
-        "image": np.stack([rows[i][2] for i in order]),
-        "spacing": np.tile(np.asarray(spacing, np.float32), (len(rows), 1)),
-        "spacing_unit": np.array(["mm"] * len(rows)),
-    }
+    return Predictions(
+        case_id=np.array([rows[i][0] for i in order]),
+        slice_index=np.array([rows[i][1] for i in order]),
+        image=np.stack([rows[i][2] for i in order]),
+        spacing=np.tile(np.asarray(spacing, np.float32), (len(rows), 1)),
+        spacing_unit=np.array(["mm"] * len(rows)),
+    )
 
 
 def test_group_cases_restacks_shuffled_slices():
@@ -63,12 +66,12 @@ def test_group_cases_restacks_shuffled_slices():
     cases = scoring.group_cases(pred, volumetric=True)
     assert sorted(c for c, _ in cases) == ["case0", "case1", "case2"]
     for case_id, idx in cases:
-        assert (pred["case_id"][idx] == case_id).all()
-        assert pred["slice_index"][idx].tolist() == list(range(5))
+        assert (pred.case_id[idx] == case_id).all()
+        assert pred.slice_index[idx].tolist() == list(range(5))
     # 2-D: one case per example, in order.
     flat = scoring.group_cases(pred, volumetric=False)
-    assert [i.tolist() for _, i in flat] == [[i] for i in range(len(pred["case_id"]))]
-    pred["slice_index"][pred["slice_index"] == 1] = 2
+    assert [i.tolist() for _, i in flat] == [[i] for i in range(len(pred.case_id))]
+    pred.slice_index[pred.slice_index == 1] = 2
     with pytest.raises(ValueError, match="two examples of one slice"):
         scoring.group_cases(pred, volumetric=True)
 
@@ -92,12 +95,14 @@ def test_volumes_are_post_processed_and_scored_in_3d_with_spacing():
     fg_prob = np.where(fg, 0.9, 0.1).astype(np.float32)
     ((_, idx),) = scoring.group_cases(pred, volumetric=True)
     inverse = np.argsort(idx)  # volume slice -> example row
-    pred["probs"] = np.stack([1 - fg_prob, fg_prob], -1)[inverse]
-    pred["mask"] = gt.astype(np.int32)[inverse]
+    pred = pred.replace(
+        probability=np.stack([1 - fg_prob, fg_prob], -1)[inverse],
+        label=gt.astype(np.int32)[inverse],
+    )
 
     # The arrays are on one grid here; native scoring is tested below.
     config = make_config(**{"eval.largest_component": True, "eval.resolution": "network"})
-    masks = scoring.structure_masks(pred["probs"][idx], info, config)
+    masks = scoring.postprocess_case(pred.probability[idx], info, config)
     assert masks.shape == (1, d, h, h) and not masks[0, 5].any() and masks[0, 1:5].any()
     (row,) = scoring.score_cases(pred, info, config, full=True)
     # Stored spacing is (row, col, slice); a (D, H, W) volume is measured as (slice, row, col).
@@ -108,7 +113,7 @@ def test_volumes_are_post_processed_and_scored_in_3d_with_spacing():
     assert row["prostate"]["asd"] != pytest.approx(wrong_order["asd"])
 
     config.eval.largest_component = False
-    masks = scoring.structure_masks(pred["probs"][idx], info, config)
+    masks = scoring.postprocess_case(pred.probability[idx], info, config)
     assert masks[0, 5].any()
 
 
@@ -125,10 +130,45 @@ def test_fundus_post_processing_is_the_dofe_protocol():
     probs = (probs - probs.min()) / (probs.max() - probs.min())
     for threshold in (0.5, 0.75):
         config = make_config(**{"eval.threshold": threshold})
-        od, oc = metrics.postprocess_fundus(probs[..., 0], probs[..., 1], threshold, True)
-        masks = scoring.structure_masks(probs, info, config)
+        masks = scoring.postprocess_case(probs[None], info, config)[:, 0]
+        # DoFE: threshold the disc and keep its largest component; threshold the cup, restrict
+        # it to the final disc, then keep its largest component.
+        od = metrics.largest_connected_component(probs[..., 0] > threshold)
+        oc = metrics.largest_connected_component((probs[..., 1] > threshold) & od)
         assert np.array_equal(masks[0], od) and np.array_equal(masks[1], oc)
         assert not (masks[1] & ~masks[0]).any()  # the cup lies in the disc
+    # The cut is exercised: at 0.5 some of the cup's pixels lie outside the disc.
+    assert ((probs[..., 1] > 0.5) & ~(probs[..., 0] > 0.5)).any()
+
+
+def test_post_processing_restricts_the_cup_to_the_disc_by_hand():
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.evaluators import scoring
+
+    info = get_dataset_info("synth_fundus")
+    prob_od = np.zeros((8, 8))
+    prob_od[1:6, 1:6] = 0.9
+    prob_od[7, 7] = 0.9  # a stray disc pixel
+    prob_oc = np.zeros((8, 8))
+    prob_oc[2:4, 2:4] = 0.8
+    prob_oc[5:8, 5:8] = 0.8  # partly outside the disc
+    probs = np.stack([prob_od, prob_oc], -1)[None]  # one image, [1, H, W, 2]
+    config = make_config(**{"eval.threshold": 0.5, "eval.largest_component": True})
+    od, oc = scoring.postprocess_case(probs, info, config)[:, 0]
+    assert od.dtype == bool and oc.dtype == bool
+    assert od.sum() == 25 and not od[7, 7]
+    assert not np.any(oc & ~od)
+    # Of the cup, inside the disc: the 2x2 block and the single pixel (5, 5); LCC keeps the block.
+    assert oc.sum() == 4 and oc[2:4, 2:4].all()
+    # Without LCC the stray disc pixel stays, and so does the cup pixel on it.
+    config.eval.largest_component = False
+    od_raw, oc_raw = scoring.postprocess_case(probs, info, config)[:, 0]
+    assert od_raw.sum() == 26 and oc_raw.sum() == 6 and oc_raw[7, 7]
+    assert not np.any(oc_raw & ~od_raw)
+    # A stricter threshold removes what lies between.
+    config.eval.threshold = 0.85
+    od, oc = scoring.postprocess_case(probs, info, config)[:, 0]
+    assert od.sum() == 26 and not oc.any()
 
 
 def test_uncertainty_quality_on_known_errors():
@@ -142,7 +182,7 @@ def test_uncertainty_quality_on_known_errors():
     fg[:, 4, 4:12] = 0.3  # a misclassified boundary row
     probs = np.stack([1 - fg, fg], -1)
     error = (fg > 0.5) != (mask == 1)
-    pred = {"probs": probs, "mask": mask, "uncertainty": error * 0.9 + 0.05}
+    pred = Predictions(probability=probs, label=mask, uncertainty=error * 0.9 + 0.05)
     q = scoring.uncertainty_quality(pred, info, width=2)
     assert q["auroc_error"] == 1.0
     assert q["error_rate"] == pytest.approx(error.mean())
@@ -168,23 +208,23 @@ def _native_pred(native_masks, probs, spacing_unit="pixel", native_spacing=(1.0,
         [m.shape[0] / size * native_spacing[0], m.shape[1] / size * native_spacing[1], 1.0]
         for m in native_masks
     ]
-    return {
-        "case_id": np.array([f"case{i}" for i in range(n)]),
-        "slice_index": np.zeros(n, np.int32),
-        "probs": probs.astype(np.float32),
-        "uncertainty": np.abs(probs[..., 0] - 0.5).astype(np.float32),
-        "mask": np.stack(
+    return Predictions(
+        case_id=np.array([f"case{i}" for i in range(n)]),
+        slice_index=np.zeros(n, np.int32),
+        probability=probs.astype(np.float32),
+        uncertainty=np.abs(probs[..., 0] - 0.5).astype(np.float32),
+        label=np.stack(
             [
                 transforms.resize(m[..., None].astype(np.uint8), size, True)[..., 0]
                 for m in native_masks
             ]
         ).astype(np.int32),
-        "spacing": np.asarray(net_spacing, np.float32),
-        "spacing_unit": np.array([spacing_unit] * n),
-        "native_shape": np.array([m.shape for m in native_masks], np.int32),
-        "native_spacing": np.tile(np.asarray(native_spacing, np.float32), (n, 1)),
-        "native_mask": native,
-    }
+        spacing=np.asarray(net_spacing, np.float32),
+        spacing_unit=np.array([spacing_unit] * n),
+        native_shape=np.array([m.shape for m in native_masks], np.int32),
+        native_spacing=np.tile(np.asarray(native_spacing, np.float32), (n, 1)),
+        native_label=native,
+    )
 
 
 def _structures_to_classes(masks):
@@ -202,10 +242,10 @@ def test_structure_thinner_than_a_network_pixel_scores_differently():
     native = np.where(np.hypot(yy - 31.5, xx - 31.5) < 22, 1, 0)
     native[12:52, 33:35] = 2  # a cup 2 released pixels wide
     pred = _native_pred([native], np.zeros((1, 16, 16, 2)))
-    net = pred["mask"][0]
+    net = pred.label[0]
     assert (net == 2).any() and (net == 2).sum(axis=1).max() == 1  # one network pixel wide
     # The network predicts its own (nearest-resized) ground truth exactly.
-    pred["probs"][0] = np.stack([net >= 1, net == 2], -1) * 0.8 + 0.1
+    pred.probability[0] = np.stack([net >= 1, net == 2], -1) * 0.8 + 0.1
     rows = {}
     for resolution in ("network", "native"):
         config = make_config(**{"eval.resolution": resolution})
@@ -234,7 +274,9 @@ def test_native_scores_of_a_perfect_upsampled_prediction_are_exact():
     shapes = [(61, 61), (48, 72)]
     config = make_config()  # native by default
     native = [
-        _structures_to_classes(scoring.structure_masks(scoring.to_native(p, s), info, config))
+        _structures_to_classes(
+            scoring.postprocess_case(scoring.to_native(p, s)[None], info, config)[:, 0]
+        )
         for p, s in zip(probs, shapes, strict=True)
     ]
     pred = _native_pred(native, probs)
@@ -266,13 +308,15 @@ def test_native_volumes_stack_slices_and_use_the_native_spacing():
     gt[0] = 0  # a slice without gland, hallucinated by the prediction
     inverse = np.argsort(idx)
     n = len(idx)
-    pred["probs"] = probs[inverse].astype(np.float32)
-    pred["mask"] = np.zeros((n, 16, 16), np.int32)  # not used natively
-    pred["native_shape"] = np.tile(native_shape, (n, 1))
-    pred["native_spacing"] = np.tile(np.asarray(native_spacing, np.float32), (n, 1))
-    pred["native_mask"] = np.empty(n, object)
+    pred = pred.replace(
+        probability=probs[inverse].astype(np.float32),
+        label=np.zeros((n, 16, 16), np.int32),  # not used natively
+        native_shape=np.tile(native_shape, (n, 1)),
+        native_spacing=np.tile(np.asarray(native_spacing, np.float32), (n, 1)),
+        native_label=np.empty(n, object),
+    )
     for j, i in enumerate(inverse):
-        pred["native_mask"][j] = gt[i].astype(np.uint8)
+        pred.native_label[j] = gt[i].astype(np.uint8)
     config = make_config(**{"eval.largest_component": False})
     (row,) = scoring.score_cases(pred, info, config, full=True)
     pm = np.stack([scoring.to_native(p, native_shape).argmax(-1) for p in probs]) == 1
@@ -280,7 +324,7 @@ def test_native_volumes_stack_slices_and_use_the_native_spacing():
     assert row["prostate"] == pytest.approx(expected)
     assert 0 < row["prostate"]["hd95"] and row["prostate"]["dice"] < 1
     # Native shapes that differ between the slices of one volume cannot be stacked.
-    pred["native_shape"][0] = (41, 30)
+    pred.native_shape[0] = (41, 30)
     with pytest.raises(ValueError, match="different native shapes"):
         scoring.score_cases(pred, info, config, full=True)
 
@@ -301,17 +345,17 @@ def test_slices_without_spacing_get_per_slice_distances():
     fg[1, 2:6, 2:6] = 1
     probs = np.stack([1 - fg, fg], -1) * 0.8 + 0.1
     n = 3
-    pred.update(
-        probs=probs[inverse].astype(np.float32),
-        mask=np.zeros((n, 8, 8), np.int32),
+    pred = pred.replace(
+        probability=probs[inverse].astype(np.float32),
+        label=np.zeros((n, 8, 8), np.int32),
         spacing_unit=np.array(["pixel"] * n),
         native_shape=np.tile((24, 24), (n, 1)),
         native_spacing=np.ones((n, 3), np.float32),
         uncertainty=np.zeros((n, 8, 8), np.float32),
+        native_label=np.empty(n, object),
     )
-    pred["native_mask"] = np.empty(n, object)
     for j, i in enumerate(inverse):
-        pred["native_mask"][j] = gt[i]
+        pred.native_label[j] = gt[i]
     config = make_config()
     (row,) = scoring.score_cases(pred, info, config, full=True)
     r = row["prostate"]
@@ -346,7 +390,7 @@ def test_uncertainty_quality_native_equals_network_on_one_grid():
         np.where(rng.random((16, 16)) < 0.5, 1, 0) + (rng.random((16, 16)) < 0.2) for _ in range(3)
     ]
     pred = _native_pred(masks, rng.random((3, 16, 16, 2)))
-    pred["uncertainty"] = rng.random((3, 16, 16)).astype(np.float32)
+    pred = pred.replace(uncertainty=rng.random((3, 16, 16)).astype(np.float32))
     network = scoring.uncertainty_quality(pred, info, 2, "network")
     native = scoring.uncertainty_quality(pred, info, 2, "native")
     reliability = native.pop("reliability")
@@ -392,7 +436,7 @@ def test_every_slice_is_predicted_from_the_image_alone(tfds_dir, tmp_path):
     from puseg_jax import parallel
     from puseg_jax.core.datasets import get_dataset_info
     from puseg_jax.data import prepare, sources
-    from puseg_jax.evaluators import domains, predict, reports
+    from puseg_jax.evaluators import domains, predict
 
     config = _prostate_config(tfds_dir)
     info = get_dataset_info("synth_prostate")
@@ -408,31 +452,51 @@ def test_every_slice_is_predicted_from_the_image_alone(tfds_dir, tmp_path):
     state = parallel.replicate(jnp.zeros(()), mesh, "jit")
     key = jax.random.key(0)
     pred = predict.predict_split(
-        spy, state, key, config, info, tfds_dir, mesh, "jit", "SiteC", "test"
+        p_eval_step=spy,
+        state=state,
+        rng=key,
+        config=config,
+        info=info,
+        data_dir=tfds_dir,
+        mesh=mesh,
+        strategy="jit",
+        domain="SiteC",
+        split="test",
     )
     source = sources.load_source(info, "SiteC", "test", tfds_dir, PROSTATE_KWARGS)
     n = len(source)
     assert n % config.eval.batch_size  # the last batch was padded
     assert seen == [["image"]] * -(-n // config.eval.batch_size)  # labels never reach devices
-    assert len(pred["probs"]) == n and pred["index"].tolist() == list(range(n))
+    assert len(pred.probability) == n and pred.index.tolist() == list(range(n))
     # Whole images at the network's input size, nothing cropped to the label's extent.
-    assert pred["probs"].shape == (n, 32, 32, 2) and pred["mask"].shape == (n, 32, 32)
+    assert pred.probability.shape == (n, 32, 32, 2) and pred.label.shape == (n, 32, 32)
     expected = {
         (str(source[i]["case_id"], "utf-8"), int(source[i]["slice_index"])) for i in range(n)
     }
-    assert set(zip(pred["case_id"].tolist(), pred["slice_index"].tolist(), strict=True)) == expected
+    assert set(zip(pred.case_id.tolist(), pred.slice_index.tolist(), strict=True)) == expected
 
     # Slices without gland are predicted like any other, never zeroed.
-    fg = 1 / (1 + np.exp(-4 * pred["image"][..., 0]))
-    np.testing.assert_allclose(pred["probs"][..., 1], fg, rtol=1e-5, atol=1e-6)
-    empty = ~pred["mask"].any(axis=(1, 2))
-    assert empty.any() and (pred["probs"][empty, ..., 1] > 0.5).any()
+    fg = 1 / (1 + np.exp(-4 * pred.image[..., 0]))
+    np.testing.assert_allclose(pred.probability[..., 1], fg, rtol=1e-5, atol=1e-6)
+    empty = ~pred.label.any(axis=(1, 2))
+    assert empty.any() and (pred.probability[empty, ..., 1] > 0.5).any()
 
     # Volumes re-stacked and scored in 3-D, in mm; the reports of the evaluator.
-    writer = reports.make_writer(str(tmp_path))
+    writer = MetricWriter(str(tmp_path))
     evals = {"SiteC": {"domain": "SiteC", "split": "test", "role": "target"}}
     (res,) = domains.evaluate_domains(
-        wrapped, state, key, config, info, tfds_dir, mesh, "jit", evals, str(tmp_path), 7, writer
+        p_eval_step=wrapped,
+        state=state,
+        rng=key,
+        config=config,
+        info=info,
+        data_dir=tfds_dir,
+        mesh=mesh,
+        strategy="jit",
+        evals=evals,
+        workdir=str(tmp_path),
+        step=7,
+        writer=writer,
     ).values()
     writer.close()
     assert res["num_cases"] == PROSTATE_KWARGS["num_test"] and res["distance_unit"] == "mm"
@@ -529,7 +593,7 @@ def test_reports_of_the_trained_workdir(tiny_workdir):
         )
         with open(os.path.join(out, "per_case.csv")) as f:
             rows = list(csv.DictReader(f))
-        assert tuple(rows[0]) == reports.PER_CASE_COLUMNS
+        assert tuple(rows[0]) == records.PER_CASE_COLUMNS
         assert len(rows) == 2 * dom["num_cases"]
         od = [float(r["dice"]) for r in rows if r["structure"] == "OD"]
         assert np.mean(od) == pytest.approx(dom["structures"]["OD"]["dice"]["mean"])
@@ -615,10 +679,19 @@ def test_nifti_cases_are_scored_on_their_original_grid(shared_data, tmp_path):
     step = parallel.wrap_eval_step(_image_only_step(info.label_mode), mesh, "jit")
     state = parallel.replicate(jnp.zeros(()), mesh, "jit")
     pred = predict.predict_split(
-        step, state, jax.random.key(0), config, info, data_dir, mesh, "jit", "UCL", "train"
+        p_eval_step=step,
+        state=state,
+        rng=jax.random.key(0),
+        config=config,
+        info=info,
+        data_dir=data_dir,
+        mesh=mesh,
+        strategy="jit",
+        domain="UCL",
+        split="train",
     )
-    assert pred["probs"].shape == (64, 32, 32, 2) and pred["mask"].shape == (64, 32, 32)
-    assert (pred["native_shape"] == 128).all()
+    assert pred.probability.shape == (64, 32, 32, 2) and pred.label.shape == (64, 32, 32)
+    assert (pred.native_shape == 128).all()
 
     ((case_id, idx),) = scoring.group_cases(pred, volumetric=True)
     probs, mask, spacing = scoring.scored_case(pred, idx, info, "native")
@@ -631,7 +704,7 @@ def test_nifti_cases_are_scored_on_their_original_grid(shared_data, tmp_path):
         pred, info, config, {"domain": "UCL", "split": "train", "role": "target"}, step=1
     )
     assert (res["distance"], res["distance_unit"]) == ("3-D, mm", "mm")
-    pm = scoring.structure_masks(probs, info, config)[0]
+    pm = scoring.postprocess_case(probs, info, config)[0]
     expected = metrics.compute_case_metrics(pm, mask == 1, spacing)
     assert row["prostate"] == pytest.approx(expected)
     assert row["num_slices"] == 64

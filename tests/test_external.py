@@ -21,6 +21,7 @@ from PIL import Image
 from data_builders import common
 from data_builders.fundus import fundus_builder
 from data_builders.prostate import prostate_builder
+from puseg_jax.evaluators.records import Predictions
 
 FUNDUS_VALUES = {0, 128, 255}
 
@@ -438,20 +439,20 @@ def test_unlabelled_masks_are_never_scored():
 
     info = get_dataset_info("fundus")
     n, size = 2, 8
-    pred = {
-        "probs": np.full((n, size, size, 2), 0.9, np.float32),
-        "uncertainty": np.zeros((n, size, size), np.float32),
-        "mask": np.full((n, size, size), common.UNLABELLED_MASK_VALUE, np.uint8),
-        "case_id": np.array(["a", "b"]),
-        "slice_index": np.zeros(n, np.int32),
-        "spacing": np.ones((n, 3), np.float32),
-        "spacing_unit": np.array(["pixel"] * n),
-        "native_shape": np.full((n, 2), 12, np.int32),
-        "native_spacing": np.ones((n, 3), np.float32),
-    }
-    pred["native_mask"] = np.empty(n, object)
+    pred = Predictions(
+        probability=np.full((n, size, size, 2), 0.9, np.float32),
+        uncertainty=np.zeros((n, size, size), np.float32),
+        label=np.full((n, size, size), common.UNLABELLED_MASK_VALUE, np.uint8),
+        case_id=np.array(["a", "b"]),
+        slice_index=np.zeros(n, np.int32),
+        spacing=np.ones((n, 3), np.float32),
+        spacing_unit=np.array(["pixel"] * n),
+        native_shape=np.full((n, 2), 12, np.int32),
+        native_spacing=np.ones((n, 3), np.float32),
+        native_label=np.empty(n, object),
+    )
     for i in range(n):
-        pred["native_mask"][i] = np.full((12, 12), common.UNLABELLED_MASK_VALUE, np.uint8)
+        pred.native_label[i] = np.full((12, 12), common.UNLABELLED_MASK_VALUE, np.uint8)
     for resolution in scoring.RESOLUTIONS:
         config = test_config(**{"eval.resolution": resolution})
         with pytest.raises(ValueError, match="without labels"):
@@ -496,27 +497,29 @@ def _perfect_predictions(ext, info, config, data_dir, uncertainty: float = 0.25)
     from puseg_jax.data import pipeline as data_pipeline
     from puseg_jax.external import folders
 
-    keys = (
-        "mask",
-        "case_id",
-        "slice_index",
-        "spacing",
-        "spacing_unit",
-        "image",
-        "native_shape",
-        "native_spacing",
-        "native_mask",
-    )
-    rows = {k: [] for k in keys}
+    fields = {  # batch key: Predictions field
+        "mask": "label",
+        "case_id": "case_id",
+        "slice_index": "slice_index",
+        "spacing": "spacing",
+        "spacing_unit": "spacing_unit",
+        "image": "image",
+        "native_shape": "native_shape",
+        "native_spacing": "native_spacing",
+        "native_mask": "native_label",
+    }
+    rows = {k: [] for k in fields.values()}
     for batch in data_pipeline.eval_batches(
         info, config, folders.DOMAIN, folders.SPLIT, data_dir, 4, native_masks=True
     ):
-        for k in keys:
-            rows[k].append(batch[k][batch["valid"]])
+        for k, field in fields.items():
+            rows[field].append(batch[k][batch["valid"]])
     pred = {k: np.concatenate(v) for k, v in rows.items()}
-    pred["probs"] = np.eye(info.num_outputs, dtype=np.float32)[pred["mask"]]
-    pred["uncertainty"] = np.where(pred["mask"] > 0, uncertainty, 0.0).astype(np.float32)
-    return pred
+    return Predictions(
+        **pred,
+        probability=np.eye(info.num_outputs, dtype=np.float32)[pred["label"]],
+        uncertainty=np.where(pred["label"] > 0, uncertainty, 0.0).astype(np.float32),
+    )
 
 
 def _nifti_round_trip(folder, tmp_path, image_size):

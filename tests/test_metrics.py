@@ -165,33 +165,6 @@ def test_largest_connected_component_empty_and_ties():
     assert kept[0, 0] and not kept[3, 3]  # first in raster order
 
 
-def test_postprocess_fundus_restricts_cup_to_disc():
-    prob_od = np.zeros((8, 8))
-    prob_od[1:6, 1:6] = 0.9
-    prob_od[7, 7] = 0.9  # a stray disc pixel
-    prob_oc = np.zeros((8, 8))
-    prob_oc[2:4, 2:4] = 0.8
-    prob_oc[5:8, 5:8] = 0.8  # partly outside the disc
-    od, oc = metrics.postprocess_fundus(prob_od, prob_oc)
-    assert od.dtype == bool and oc.dtype == bool
-    assert od.sum() == 25 and not od[7, 7]
-    assert not np.any(oc & ~od)
-    # Of the cup, inside the disc: the 2x2 block and the single pixel (5, 5); LCC keeps the block.
-    assert oc.sum() == 4 and oc[2:4, 2:4].all()
-    # Without LCC the stray disc pixel stays, and so does the cup pixel on it.
-    od_raw, oc_raw = metrics.postprocess_fundus(prob_od, prob_oc, lcc=False)
-    assert od_raw.sum() == 26 and oc_raw.sum() == 6 and oc_raw[7, 7]
-    assert not np.any(oc_raw & ~od_raw)
-
-
-def test_postprocess_fundus_threshold_and_batch():
-    prob = np.full((2, 4, 4), 0.6)
-    od, oc = metrics.postprocess_fundus(prob, prob, threshold=0.5)
-    assert od.shape == (2, 4, 4) and od.all() and oc.all()
-    od, oc = metrics.postprocess_fundus(prob, prob, threshold=0.75)
-    assert not od.any() and not oc.any()
-
-
 # ---------------------------------------------------------------------------------------------
 # Summaries.
 # ---------------------------------------------------------------------------------------------

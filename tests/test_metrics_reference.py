@@ -12,6 +12,7 @@ import pytest
 from scipy import ndimage
 
 from puseg_jax import metrics
+from puseg_jax.evaluators.records import Predictions
 from tests.conftest import SHARED_DATA as DATA_DIR
 
 medpy_binary = pytest.importorskip(
@@ -175,13 +176,13 @@ def _native_case(native_mask, probs, native_spacing, net_spacing, slice_index=0,
     return {
         "case_id": np.array([case]),
         "slice_index": np.array([slice_index]),
-        "probs": probs[None].astype(np.float32),
-        "mask": net_mask[None, ..., 0].astype(np.int32),
+        "probability": probs[None].astype(np.float32),
+        "label": net_mask[None, ..., 0].astype(np.int32),
         "spacing": np.asarray([net_spacing], np.float32),
         "spacing_unit": np.array(["pixel" if native_spacing[0] == 1 else "mm"]),
         "native_shape": np.array([native_mask.shape], np.int32),
         "native_spacing": np.asarray([native_spacing], np.float32),
-        "native_mask": native,
+        "native_label": native,
     }
 
 
@@ -216,10 +217,10 @@ def test_native_scoring_of_real_fundus_masks_agrees_with_medpy():
     for path in [paths[i] for i in np.linspace(0, len(paths) - 1, 3).astype(int)]:
         stored = _load_png_mask(path)
         classes = (stored < 255).astype(np.uint8) + (stored == 0)  # 1 rim, 2 cup
-        pred = _native_case(classes, np.zeros((128, 128, 2)), (1, 1, 1), (4, 4, 1))
-        pred["probs"][0] = _network_output(rng, pred["mask"][0], (1, 2))
+        pred = Predictions(**_native_case(classes, np.zeros((128, 128, 2)), (1, 1, 1), (4, 4, 1)))
+        pred.probability[0] = _network_output(rng, pred.label[0], (1, 2))
         (row,) = scoring.score_cases(pred, info, config, full=True)
-        up = _upsample(pred["probs"][0], classes.shape)
+        up = _upsample(pred.probability[0], classes.shape)
         disc = up[..., 0] > 0.5
         for name, p, gt in (
             ("OD", disc, classes >= 1),
@@ -250,11 +251,11 @@ def test_native_scoring_of_an_anisotropic_volume_agrees_with_medpy():
         )
         for k in range(len(gt))
     ]
-    pred = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    fg = _network_output(rng, pred["mask"].transpose(1, 2, 0), (1,))[..., 0].transpose(2, 0, 1)
-    pred["probs"] = np.stack([1 - fg, fg], -1).astype(np.float32)
+    pred = Predictions(**{key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
+    fg = _network_output(rng, pred.label.transpose(1, 2, 0), (1,))[..., 0].transpose(2, 0, 1)
+    pred = pred.replace(probability=np.stack([1 - fg, fg], -1).astype(np.float32))
     (row,) = scoring.score_cases(pred, info, config, full=True)
-    p = np.stack([_upsample(pk, gt.shape[1:]).argmax(-1) == 1 for pk in pred["probs"]])
+    p = np.stack([_upsample(pk, gt.shape[1:]).argmax(-1) == 1 for pk in pred.probability])
     spacing = (3.0, 0.5, 0.8)  # array order (slice, row, col)
     assert abs(row["prostate"]["dice"] - medpy_binary.dc(p, gt)) <= TOLERANCE
     assert abs(row["prostate"]["hd95"] - medpy_binary.hd95(p, gt, spacing)) <= TOLERANCE

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from puseg_jax.evaluators.records import Predictions
 from tests import conftest
 
 # ---------------------------------------------------------------------------------------------
@@ -29,7 +30,9 @@ def _volume_predictions(domain: str, num_cases: int, num_slices: int, size: int,
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
-    out = {k: [] for k in ("image", "mask", "probs", "uncertainty", "case_id", "slice_index")}
+    out = {
+        k: [] for k in ("image", "label", "probability", "uncertainty", "case_id", "slice_index")
+    }
     for c in range(num_cases):
         radius = size * rng.uniform(0.2, 0.3)
         shift = rng.integers(-2, 3)
@@ -44,8 +47,8 @@ def _volume_predictions(domain: str, num_cases: int, num_slices: int, size: int,
             out["image"].append(
                 (gt * 1.5 + rng.normal(0, 0.5, gt.shape))[..., None].astype(np.float32)
             )
-            out["mask"].append(gt.astype(np.uint8))
-            out["probs"].append(np.stack([1 - p_fg, p_fg], -1).astype(np.float32))
+            out["label"].append(gt.astype(np.uint8))
+            out["probability"].append(np.stack([1 - p_fg, p_fg], -1).astype(np.float32))
             out["uncertainty"].append(np.where(edge, 0.8, 0.1).astype(np.float32))
             out["case_id"].append(f"{domain}_test_{c:04d}")
             out["slice_index"].append(z)
@@ -56,12 +59,12 @@ def _volume_predictions(domain: str, num_cases: int, num_slices: int, size: int,
     # The network's grid is the native one here.
     pred["native_shape"] = np.tile(np.array([size, size], np.int32), (n, 1))
     pred["native_spacing"] = pred["spacing"]
-    pred["native_mask"] = np.empty(n, object)
-    for i, m in enumerate(pred["mask"]):
-        pred["native_mask"][i] = m
+    pred["native_label"] = np.empty(n, object)
+    for i, m in enumerate(pred["label"]):
+        pred["native_label"][i] = m
     # Slices arrive out of order, as from a shuffled source, so re-stacking is exercised.
     order = rng.permutation(n)
-    return {k: v[order] for k, v in pred.items()}
+    return Predictions(**{k: v[order] for k, v in pred.items()})
 
 
 def make_volume_workdir(workdir: str, num_cases: int = 3, num_slices: int = 6, size: int = 24):
@@ -91,6 +94,11 @@ def make_volume_workdir(workdir: str, num_cases: int = 3, num_slices: int = 6, s
         reports.write_domain_reports(workdir, name, res, rows, pred, info, config, 7, writer)
     writer.close()
     return workdir
+
+
+def _dice_text(per_case, case_id):
+    """The Dice a figure should show for a case, written out here: 'prostate 0.812'."""
+    return ", ".join(f"{s} {m['dice']:.3f}" for s, m in per_case[case_id].items())
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +286,7 @@ def test_figures_of_a_volume_workdir(volume_workdir):
     assert cases[0][0] in fig.get_suptitle()
     fig = workdir_figures.cases_figure(wd, "SiteC", pred, per_case, cases)
     label = fig.axes[5].get_ylabel()
-    assert cases[1][0] in label and runs_workdir.dice_text(per_case, cases[1][0]) in label
+    assert cases[1][0] in label and _dice_text(per_case, cases[1][0]) in label
     preds = runs_workdir.load_all_predictions(wd)
     fig = workdir_figures.boundary_histogram_figure(wd, preds)
     # The synthetic uncertainty is 0.8 on the gland's edge and 0.1 elsewhere.
@@ -318,7 +326,7 @@ def test_compare_figure_titles_fit_with_a_long_method_name(volume_workdir, tmp_p
     for row in grid:
         assert not any(ax.get_ylabel() for ax in row)
         case_id = row[0].get_title().split("\n")[0].split(", slice")[0]
-        dice = runs_workdir.dice_text(per_case, case_id)
+        dice = _dice_text(per_case, case_id)
         assert row[2].get_title() == f"ours_no_highlight\nprediction\nDice {dice}"
         assert row[5].get_title().startswith("ours\nprediction\nDice ")
         boxes = [ax.title.get_window_extent(renderer) for ax in row]
@@ -453,6 +461,6 @@ def test_open_workdir_evaluates_the_checkpoint_when_predictions_are_missing(
     config = calls[0][0]
     assert config.eval.save_predictions and config.data.name == "synth_prostate"
     assert list(config.data.target_domains) == ["SiteC"]
-    assert runs_workdir.load_predictions(wd, "SiteC")["probs"].shape[-1] == 2
+    assert runs_workdir.load_predictions(wd, "SiteC").probability.shape[-1] == 2
     runs_workdir.open_workdir(copy, evaluate_if_missing=True)
     assert len(calls) == 1  # nothing missing any more

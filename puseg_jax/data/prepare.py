@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
 
 import ml_collections
 import tensorflow_datasets as tfds
@@ -18,8 +17,7 @@ from absl import logging
 
 from puseg_jax.core import logging_utils
 from puseg_jax.core.datasets import DatasetInfo
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from puseg_jax.core.paths import REPO_ROOT
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict) -> str:

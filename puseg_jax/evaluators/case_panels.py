@@ -7,20 +7,20 @@ import numpy as np
 from puseg_jax.core.datasets import DatasetInfo
 from puseg_jax.core.logging_utils import MetricWriter
 from puseg_jax.drawing import panels
-from puseg_jax.evaluators.scoring import group_cases, gt_structures, structure_masks
+from puseg_jax.evaluators.records import Predictions
+from puseg_jax.evaluators.scoring import group_cases, gt_structures, postprocess_case
 
 # ---------------------------------------------------------------------------------------------
 # Panels: the arrays of a case as scored, drawn by `panels`.
 
 
 def case_arrays(
-    pred: dict[str, np.ndarray], idx: np.ndarray, info: DatasetInfo, config
+    pred: Predictions, idx: np.ndarray, info: DatasetInfo, config
 ) -> dict[str, np.ndarray]:
     """The arrays of one case, post-processed as `score_cases` scores them.
 
     Args:
-      pred: predictions of a domain (keys of `predict_split`: image, mask, probs, uncertainty,
-        ...).
+      pred: predictions of a domain.
       idx: the case's example indices in slice order (from `group_cases`).
       info: the dataset family.
       config: the run's config (threshold, largest component).
@@ -29,16 +29,11 @@ def case_arrays(
       {'image': [D, H, W, C], 'gt': [S, D, H, W], 'pred': [S, D, H, W], 'uncertainty':
       [D, H, W]}, with D = 1 for 2-D cases. Volumes are post-processed in 3-D, like the metrics.
     """
-    probs = pred["probs"][idx]
-    if info.volumetric:
-        pm = structure_masks(probs, info, config)
-    else:
-        pm = structure_masks(probs[0], info, config)[:, None]
     return {
-        "image": pred["image"][idx],
-        "gt": gt_structures(pred["mask"][idx], info),
-        "pred": pm,
-        "uncertainty": pred["uncertainty"][idx],
+        "image": pred.image[idx],
+        "gt": gt_structures(pred.label[idx], info),
+        "pred": postprocess_case(pred.probability[idx], info, config),
+        "uncertainty": pred.uncertainty[idx],
     }
 
 
@@ -48,7 +43,7 @@ def panel_title(method: str, name: str, role: str, step: int | None) -> str:
 
 
 def draw_case(
-    pred: dict[str, np.ndarray],
+    pred: Predictions,
     case_id: str,
     idx: np.ndarray,
     dice: dict[str, float] | None,
@@ -94,7 +89,7 @@ def write_panels(
     step: int,
     name: str,
     role: str,
-    pred: dict[str, np.ndarray],
+    pred: Predictions,
     rows: list[dict],
     info: DatasetInfo,
     config: ml_collections.ConfigDict,
@@ -123,4 +118,4 @@ def write_panels(
         (case_id, draw_case(pred, case_id, idx, dice and dice[case_id], info, config, title))
         for case_id, idx in group_cases(pred, info.volumetric)[: config.eval.num_panels]
     ]
-    panels.write_tensorboard(writer, step, name, drawn, pred["uncertainty"], png_dir)
+    panels.write_tensorboard(writer, step, name, drawn, pred.uncertainty, png_dir)

@@ -7,14 +7,16 @@ from puseg_jax.core.datasets import DatasetInfo
 from puseg_jax.core.logging_utils import MetricWriter
 from puseg_jax.evaluators.case_panels import write_panels
 from puseg_jax.evaluators.predict import predict_split
+from puseg_jax.evaluators.records import SLICE_COUNTS
 from puseg_jax.evaluators.reports import write_domain_reports
-from puseg_jax.evaluators.scoring import SLICE_COUNTS, SURFACE_METRICS, score_split
+from puseg_jax.evaluators.scoring import SURFACE_METRICS, score_split
 
 # ---------------------------------------------------------------------------------------------
 # Evaluators.
 
 
 def evaluate_domains(
+    *,
     p_eval_step,
     state,
     rng: jax.Array,
@@ -54,20 +56,20 @@ def evaluate_domains(
     names = SURFACE_METRICS if full else ("dice",)
     for name, ev in evals.items():
         pred = predict_split(
-            p_eval_step,
-            state,
-            rng,
-            config,
-            info,
-            data_dir,
-            mesh,
-            strategy,
-            ev["domain"],
-            ev["split"],
+            p_eval_step=p_eval_step,
+            state=state,
+            rng=rng,
+            config=config,
+            info=info,
+            data_dir=data_dir,
+            mesh=mesh,
+            strategy=strategy,
+            domain=ev["domain"],
+            split=ev["split"],
         )
         res, rows = score_split(pred, info, config, ev, step, full)
         results[name] = res
-        writer.scalars(step, _scalars(name, res, names))
+        writer.scalars(step, eval_scalars(name, res, names))
         summary = res["structures"]
         dice_txt = ", ".join(f"{s} {summary[s]['dice']['mean']:.4f}" for s in summary)
         print(
@@ -84,9 +86,23 @@ def evaluate_domains(
     return results
 
 
-def _scalars(name: str, res: dict, names: tuple[str, ...]) -> dict[str, float]:
+def eval_scalars(
+    name: str, res: dict, names: tuple[str, ...] = SURFACE_METRICS
+) -> dict[str, float]:
+    """An evaluator's scalars for TensorBoard and metrics.jsonl, `eval/<name>/...`.
+
+    Args:
+      name: the evaluator.
+      res: its `score_split` result (one without 'structures', of a domain without labels,
+        has only its uncertainty scalars).
+      names: the per-case metrics scored.
+
+    Returns:
+      {tag: value}: per structure the mean of each metric and the empty-mask (and slice)
+      counts, and the uncertainty quality.
+    """
     out = {}
-    for s, sm in res["structures"].items():
+    for s, sm in res.get("structures", {}).items():
         for m in names:
             out[f"eval/{name}/{s}/{m}"] = sm[m]["mean"]
         out[f"eval/{name}/{s}/n_empty_pred"] = sm["n_empty_pred"]

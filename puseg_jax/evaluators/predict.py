@@ -7,20 +7,22 @@ import numpy as np
 from puseg_jax import parallel
 from puseg_jax.core.datasets import DatasetInfo
 from puseg_jax.data import pipeline
+from puseg_jax.evaluators.records import Predictions
 from puseg_jax.evaluators.scoring import scoring_resolution
 
-_PRED_KEYS = (
-    "image",
-    "mask",
-    "spacing",
-    "spacing_unit",
-    "case_id",
-    "slice_index",
-    "num_slices",
-    "index",
-    "native_shape",
-    "native_spacing",
-)
+# The batch's fields each prediction carries, by their `Predictions` names.
+_BATCH_FIELDS = {
+    "image": "image",
+    "mask": "label",
+    "spacing": "spacing",
+    "spacing_unit": "spacing_unit",
+    "case_id": "case_id",
+    "slice_index": "slice_index",
+    "num_slices": "num_slices",
+    "index": "index",
+    "native_shape": "native_shape",
+    "native_spacing": "native_spacing",
+}
 
 # ---------------------------------------------------------------------------------------------
 # Prediction.
@@ -34,6 +36,7 @@ def _process_rows(n: int) -> slice:
 
 
 def predict_split(
+    *,
     p_eval_step,
     state,
     rng: jax.Array,
@@ -44,7 +47,7 @@ def predict_split(
     strategy: str,
     domain: str,
     split: str,
-) -> dict[str, np.ndarray]:
+) -> Predictions:
     """Predictions for every example of (domain, split), in the source's order, no padding.
 
     Args:
@@ -60,15 +63,12 @@ def predict_split(
       split: its split.
 
     Returns:
-      {'image', 'mask', 'spacing' (network grid), 'spacing_unit', 'case_id', 'slice_index',
-      'num_slices', 'index', 'native_shape' [N, 2], 'native_spacing' [N, 3] (row, col, slice),
-      'probs' [N, H, W, K], 'uncertainty' [N, H, W]} with N the split's size, and with
-      `eval.resolution='native'` 'native_mask': an object array of N uint8 class masks, each
-      on its example's native grid (sizes may differ between examples).
+      The `Predictions` of the N examples of the split (all fields but `resolution`;
+      `native_label` with `eval.resolution='native'`).
     """
     native = scoring_resolution(config) == "native"
-    keys = _PRED_KEYS + (("native_mask",) if native else ())
-    out: dict[str, list] = {k: [] for k in keys + ("probs", "uncertainty")}
+    fields = _BATCH_FIELDS | ({"native_mask": "native_label"} if native else {})
+    out: dict[str, list] = {k: [] for k in list(fields.values()) + ["probability", "uncertainty"]}
     batches = pipeline.eval_batches(
         info, config, domain, split, data_dir, config.eval.batch_size, native_masks=native
     )
@@ -80,8 +80,8 @@ def predict_split(
         pred = parallel.to_host(p_eval_step(state, device_batch, jax.random.fold_in(rng, i)))
         if len(pred["probs"]) != len(valid):
             raise ValueError(f"eval step returned {len(pred['probs'])} rows for {len(valid)}")
-        for k in keys:
-            out[k].append(batch[k][valid])
-        out["probs"].append(np.asarray(pred["probs"])[valid])
+        for key, field in fields.items():
+            out[field].append(batch[key][valid])
+        out["probability"].append(np.asarray(pred["probs"])[valid])
         out["uncertainty"].append(np.asarray(pred["uncertainty"])[valid])
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return Predictions(**{k: np.concatenate(v) for k, v in out.items()})

@@ -41,6 +41,7 @@ from scipy import stats
 from puseg_jax import metrics
 from puseg_jax.core.datasets import DatasetInfo
 from puseg_jax.evaluators import scoring
+from puseg_jax.evaluators.records import Predictions
 
 QC_SCORES = ("image_mean", "region_mean", "boundary_mean", "region_per_area")
 # When source validation cannot choose (no saved predictions, or no Dice spread): the case-mean
@@ -89,7 +90,7 @@ def structure_qc_scores(
 
 
 def case_qc(
-    pred: Mapping[str, np.ndarray],
+    pred: Predictions,
     info: DatasetInfo,
     config: ml_collections.ConfigDict,
     band: float | None = None,
@@ -97,10 +98,10 @@ def case_qc(
     """QC scores of every case of a split's predictions.
 
     Args:
-      pred: `predict.predict_split`'s output (probs, uncertainty, case_id, slice_index);
+      pred: `predict.predict_split`'s output (probability, uncertainty, case_id, slice_index);
         labels are not read.
       info: the dataset family.
-      config: the experiment config (the post-processing of `scoring.structure_masks`).
+      config: the experiment config (the post-processing of `scoring.postprocess_case`).
       band: in network pixels; None takes `config.eval.boundary_width`.
 
     Returns:
@@ -110,11 +111,10 @@ def case_qc(
     band = config.eval.boundary_width if band is None else band
     rows = []
     for case_id, idx in scoring.group_cases(pred, info.volumetric):
-        probs, unc = pred["probs"][idx], pred["uncertainty"][idx]
-        if info.volumetric:
-            pm = scoring.structure_masks(probs, info, config)
-        else:
-            pm, unc = scoring.structure_masks(probs[0], info, config), unc[0]
+        pm = scoring.postprocess_case(pred.probability[idx], info, config)
+        unc = pred.uncertainty[idx]
+        if not info.volumetric:
+            pm, unc = pm[:, 0], unc[0]
         scores = structure_qc_scores(pm, unc, band)
         rows.append(
             {

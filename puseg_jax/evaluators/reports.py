@@ -1,11 +1,7 @@
-"""The report files of an evaluator (summary.json, per_case.csv, predictions.npz), the run's
-summary.json and the results table."""
+"""The reports of an evaluator (eval/<name>/: summary.json, per_case.csv, predictions.npz,
+panels), the run's summary.json and the results table; the files' formats are in `records`."""
 
-import csv
-import json
-import math
 import os
-import zipfile
 from typing import Any
 
 import jax
@@ -13,89 +9,12 @@ import ml_collections
 import numpy as np
 
 from puseg_jax.core.datasets import DatasetInfo
+from puseg_jax.core.formatting import number
 from puseg_jax.core.logging_utils import MetricWriter
+from puseg_jax.evaluators import records
 from puseg_jax.evaluators.case_panels import write_panels
-from puseg_jax.evaluators.scoring import (
-    SELECTION_ROLE,
-    SLICE_COUNTS,
-    SURFACE_METRICS,
-    scoring_resolution,
-)
-
-
-def make_writer(workdir: str) -> MetricWriter:
-    """The run's TensorBoard and metrics.jsonl writer."""
-    return MetricWriter(workdir)
-
-
-def json_ready(x: Any) -> Any:
-    """A nested structure with NaN and infinities as None (strict JSON) and numpy scalars as
-    Python numbers."""
-    if isinstance(x, dict):
-        return {k: json_ready(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_ready(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(json_ready(obj), f, indent=2, allow_nan=False)
-
-
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-    """`np.savez_compressed` at zlib level 1: as small within a few percent on predictions, and
-    about twice as fast (compression is most of the time of an evaluator's reports)."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        for name, array in arrays.items():
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
-
-
-PER_CASE_COLUMNS = (
-    "case_id",
-    "structure",
-    "dice",
-    "hd95",
-    "asd",
-    "empty_pred",
-    "empty_gt",
-    "num_slices",
-    "unit",
-    "distance",
-) + SLICE_COUNTS
-
-
-def write_per_case(
-    path: str, rows: list[dict], info: DatasetInfo, unit: str, distance: str = ""
-) -> None:
-    """per_case.csv: one line per case and structure (distances in `unit`, measured as
-    `distance` says; the slice counts are blank unless distances are per slice)."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(PER_CASE_COLUMNS)
-        for row in rows:
-            for s in info.structures:
-                r = row[s]
-                w.writerow(
-                    [
-                        row["case_id"],
-                        s,
-                        r["dice"],
-                        r["hd95"],
-                        r["asd"],
-                        r["empty_pred"],
-                        r["empty_gt"],
-                        row["num_slices"],
-                        unit,
-                        distance,
-                    ]
-                    + [r.get(key, "") for key in SLICE_COUNTS]
-                )
+from puseg_jax.evaluators.records import SLICE_COUNTS, Predictions
+from puseg_jax.evaluators.scoring import SELECTION_ROLE, SURFACE_METRICS, scoring_resolution
 
 
 def write_domain_reports(
@@ -103,7 +22,7 @@ def write_domain_reports(
     name: str,
     res: dict,
     rows: list[dict],
-    pred: dict[str, np.ndarray],
+    pred: Predictions,
     info: DatasetInfo,
     config: ml_collections.ConfigDict,
     step: int,
@@ -128,28 +47,22 @@ def write_domain_reports(
     """
     out = os.path.join(workdir, "eval", name)
     os.makedirs(out, exist_ok=True)
-    _write_json(os.path.join(out, "summary.json"), res)
+    records.write_json(os.path.join(out, records.SUMMARY_FILE), res)
     if rows is not None:
-        write_per_case(
-            os.path.join(out, "per_case.csv"), rows, info, res["distance_unit"], res["distance"]
+        records.write_per_case(
+            os.path.join(out, records.PER_CASE_FILE),
+            rows,
+            info.structures,
+            res["distance_unit"],
+            res["distance"],
         )
     if config.eval.save_predictions:
-        label = {} if rows is None else {"label": pred["mask"].astype(np.uint8)}
-        save_npz(
-            os.path.join(out, "predictions.npz"),
-            image=pred["image"].astype(np.float16),
-            **label,
-            probability=pred["probs"].astype(np.float16),
-            uncertainty=pred["uncertainty"].astype(np.float16),
-            case_id=pred["case_id"].astype(str),
-            slice_index=pred["slice_index"],
-            spacing=pred["spacing"],
-            spacing_unit=pred["spacing_unit"].astype(str),
-            # The arrays above are on the network grid; a case's native grid, to resample them
-            # to (`to_native`) and redraw or rescore it against the released ground truth.
-            native_shape=pred["native_shape"],
-            native_spacing=pred["native_spacing"],
-            resolution=np.asarray(res.get("resolution", scoring_resolution(config))),
+        # The arrays are on the network grid; `native_shape` and `native_spacing` give each
+        # example's native grid, to resample them to (`to_native`) and redraw or rescore it
+        # against the released ground truth.
+        resolution = str(res.get("resolution", scoring_resolution(config)))
+        pred.replace(resolution=resolution).save(
+            os.path.join(out, records.PREDICTIONS_FILE), with_label=rows is not None
         )
     write_panels(writer, step, name, res["role"], pred, rows, info, config, png_dir=out)
 
@@ -224,12 +137,8 @@ def write_summary(workdir: str, summary: dict) -> None:
     """Writes <workdir>/summary.json (process 0) and prints the results table."""
     if jax.process_index() != 0:
         return
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    records.write_json(os.path.join(workdir, records.SUMMARY_FILE), summary)
     print(format_table([summary]), flush=True)
-
-
-def _cell(x: Any, digits: int) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def format_table(summaries: list[dict]) -> str:
@@ -262,7 +171,7 @@ def format_table(summaries: list[dict]) -> str:
             ]
             for s in structures:
                 r = ev[s]
-                cells += [_cell(r.get("dice"), 4), _cell(r.get("hd95"), 2)]
-                cells += [_cell(r.get("asd"), 2), str(r.get("n_empty_pred", ""))]
+                cells += [number(r.get("dice"), ".4f"), number(r.get("hd95"), ".2f")]
+                cells += [number(r.get("asd"), ".2f"), str(r.get("n_empty_pred", ""))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from absl import logging
 from puseg_jax import metrics
 from puseg_jax.core import resample
 from puseg_jax.core.datasets import DatasetInfo
+from puseg_jax.evaluators.records import SLICE_COUNTS, Predictions
 
 SURFACE_METRICS = ("dice", "hd95", "asd")
 
@@ -18,9 +19,6 @@ SELECTION_ROLE = "source_val"
 
 # Grids cases can be scored on (`config.eval.resolution`), see the module docstring.
 RESOLUTIONS = ("native", "network")
-
-# Per-slice counts of `metrics.compute_slicewise_metrics`, summed over cases in summaries.
-SLICE_COUNTS = ("slices_scored", "slices_empty_pred", "slices_empty_gt")
 
 
 def scoring_resolution(config: ml_collections.ConfigDict) -> str:
@@ -32,22 +30,34 @@ def scoring_resolution(config: ml_collections.ConfigDict) -> str:
 # Post-processing and per-case scores.
 
 
-def structure_masks(
-    probs: np.ndarray, info: DatasetInfo, config: ml_collections.ConfigDict
+def postprocess_case(
+    probability: np.ndarray, info: DatasetInfo, config: ml_collections.ConfigDict
 ) -> np.ndarray:
-    """Post-processed masks of one case.
+    """The post-processing of one case: threshold (or argmax), cup inside disc, largest
+    component. Every mask scored, drawn, written or used for QC comes from here.
 
     Args:
-      probs: [H, W, K] for an image or [D, H, W, K] for a whole volume (slices in order).
-      info: the dataset family (label mode, structures).
+      probability: [D, H, W, K], the case's examples in slice order (D = 1 for an image), on
+        the grid the masks are wanted on.
+      info: the dataset family (label mode, structures, volumetric).
       config: the experiment config (eval.threshold, eval.largest_component).
 
     Returns:
-      Boolean [S, H, W] or [S, D, H, W]. Sigmoid structures are nested: structure k is
-      restricted to structure k - 1 before its largest component is taken (the cup inside the
-      disc). With `largest_component`, components connect in the array's own dimensions: a
-      volume keeps its largest 3-D component.
+      Boolean [S, D, H, W]. Sigmoid structures are nested: structure k is restricted to
+      structure k - 1 before its largest component is taken (the cup inside the disc). With
+      `largest_component`, a volume keeps its largest 3-D component, an image its largest 2-D
+      one.
     """
+    if info.volumetric:
+        return _structure_masks(probability, info, config)
+    return _structure_masks(probability[0], info, config)[:, None]
+
+
+def _structure_masks(
+    probs: np.ndarray, info: DatasetInfo, config: ml_collections.ConfigDict
+) -> np.ndarray:
+    """[..., K] probabilities -> boolean [S, ...], components connected in the array's own
+    dimensions."""
     ec = config.eval
     lcc = metrics.largest_connected_component if ec.largest_component else (lambda m: m)
     masks = []
@@ -72,23 +82,23 @@ def gt_structures(mask: np.ndarray, info: DatasetInfo) -> np.ndarray:
     return np.stack([mask == k + 1 for k in range(len(info.structures))])
 
 
-def group_cases(pred: dict[str, np.ndarray], volumetric: bool) -> list[tuple[str, np.ndarray]]:
+def group_cases(pred: Predictions, volumetric: bool) -> list[tuple[str, np.ndarray]]:
     """Cases of a split in order of first appearance, with their example indices.
 
     Args:
-      pred: at least 'case_id' and 'slice_index' per example, in any order.
+      pred: predictions with at least `case_id` and `slice_index`, examples in any order.
       volumetric: whether examples are slices of volumes.
 
     Returns:
       [(case_id, indices)]: for volumes the indices of the case's slices sorted by
-      slice_index (the re-stacked volume is pred[...][indices]); one example per case in 2-D.
+      slice_index (the re-stacked volume is pred.<field>[indices]); one example per case in 2-D.
       Two examples of one slice raise ValueError; a gap in the slice indices is logged (the
       slices are stacked as if adjacent).
     """
     if not volumetric:
-        return [(str(c), np.array([i])) for i, c in enumerate(pred["case_id"])]
+        return [(str(c), np.array([i])) for i, c in enumerate(pred.case_id)]
     cases: dict[str, list[tuple[int, int]]] = {}
-    for i, (c, s) in enumerate(zip(pred["case_id"], pred["slice_index"], strict=True)):
+    for i, (c, s) in enumerate(zip(pred.case_id, pred.slice_index, strict=True)):
         cases.setdefault(str(c), []).append((int(s), i))
     out = []
     for c, items in cases.items():
@@ -105,12 +115,12 @@ def group_cases(pred: dict[str, np.ndarray], volumetric: bool) -> list[tuple[str
 
 
 def case_spacing(
-    pred: dict[str, np.ndarray], idx: np.ndarray, volumetric: bool, key: str = "spacing"
+    pred: Predictions, idx: np.ndarray, volumetric: bool, key: str = "spacing"
 ) -> np.ndarray:
     """Pixel or voxel size of one case in array-axis order: (row, col) for an image,
-    (slice, row, col) for a volume [D, H, W]; the stored spacing (`pred[key]`: 'spacing' of the
+    (slice, row, col) for a volume [D, H, W]; the stored spacing (field `key`: 'spacing' of the
     network grid or 'native_spacing') is (row, col, slice)."""
-    spacing = np.unique(pred[key][idx], axis=0)
+    spacing = np.unique(getattr(pred, key)[idx], axis=0)
     if len(spacing) != 1:
         raise ValueError(f"Slices of one case have different spacings: {spacing.tolist()}")
     spacing = spacing[0].astype(np.float64)
@@ -124,12 +134,12 @@ def to_native(x: np.ndarray, shape) -> np.ndarray:
 
 
 def scored_case(
-    pred: dict[str, np.ndarray], idx: np.ndarray, info: DatasetInfo, resolution: str
+    pred: Predictions, idx: np.ndarray, info: DatasetInfo, resolution: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One case's probabilities, ground truth and spacing on the grid it is scored on.
 
     Args:
-      pred: `predict_split`'s output ('native_mask' needed for 'native').
+      pred: `predict_split`'s output (`native_label` needed for 'native').
       idx: the case's example indices (`group_cases`), slices in order.
       info: the dataset family.
       resolution: 'native' (probabilities resampled to the native grid, the unresized ground
@@ -140,29 +150,30 @@ def scored_case(
       `case_spacing`), D = 1 for an image.
     """
     if resolution == "network":
-        return pred["probs"][idx], pred["mask"][idx], case_spacing(pred, idx, info.volumetric)
+        return pred.probability[idx], pred.label[idx], case_spacing(pred, idx, info.volumetric)
     probs = native_probs(pred, idx)
-    mask = np.stack([pred["native_mask"][i] for i in idx])
+    mask = np.stack([pred.native_label[i] for i in idx])
     return probs, mask, case_spacing(pred, idx, info.volumetric, key="native_spacing")
 
 
-def native_probs(pred: dict[str, np.ndarray], idx: np.ndarray, key: str = "probs") -> np.ndarray:
+def native_probs(pred: Predictions, idx: np.ndarray, key: str = "probability") -> np.ndarray:
     """One case's probabilities (or, with key='uncertainty', its uncertainty map) resampled to
     its native grid: [D, H, W, K] (or [D, H, W]), D = 1 for an image; what 'native' scoring
     thresholds, and what `python -m puseg_jax.evaluate` writes back to the user's files.
 
     Args:
-      pred: `predict_split`'s output ('native_shape' per example).
+      pred: `predict_split`'s output (`native_shape` per example).
       idx: the case's example indices (`group_cases`), slices in order.
-      key: 'probs' or 'uncertainty'.
+      key: 'probability' or 'uncertainty'.
     """
-    shapes = np.unique(pred["native_shape"][idx], axis=0)
+    shapes = np.unique(pred.native_shape[idx], axis=0)
     if len(shapes) != 1:
         raise ValueError(
-            f"Slices of case {pred['case_id'][idx[0]]} have different native shapes "
+            f"Slices of case {pred.case_id[idx[0]]} have different native shapes "
             f"{shapes.tolist()}; they cannot be stacked into one volume"
         )
-    return np.stack([to_native(pred[key][i], shapes[0]) for i in idx])
+    values = getattr(pred, key)
+    return np.stack([to_native(values[i], shapes[0]) for i in idx])
 
 
 def check_labels(mask: np.ndarray, info: DatasetInfo, case_id: str) -> None:
@@ -198,7 +209,7 @@ def describe_distances(info: DatasetInfo, unit: str, resolution: str) -> str:
 
 
 def score_cases(
-    pred: dict[str, np.ndarray], info: DatasetInfo, config: ml_collections.ConfigDict, full: bool
+    pred: Predictions, info: DatasetInfo, config: ml_collections.ConfigDict, full: bool
 ) -> list[dict[str, Any]]:
     """Per-case metrics of every structure, on the grid of `config.eval.resolution`.
 
@@ -222,10 +233,9 @@ def score_cases(
         probs, mask, spacing = scored_case(pred, idx, info, resolution)
         check_labels(mask, info, case_id)
         gt = gt_structures(mask, info)
-        if info.volumetric:
-            pm = structure_masks(probs, info, config)  # [S, D, H, W]
-        else:
-            pm, gt = structure_masks(probs[0], info, config), gt[:, 0]
+        pm = postprocess_case(probs, info, config)  # [S, D, H, W]
+        if not info.volumetric:
+            pm, gt = pm[:, 0], gt[:, 0]
         row: dict[str, Any] = {"case_id": case_id, "num_slices": len(idx)}
         for s, name in enumerate(info.structures):
             if per_slice:
@@ -243,8 +253,10 @@ def score_cases(
     return rows
 
 
-def _band(mask: np.ndarray, info: DatasetInfo, width: float) -> np.ndarray:
-    """Pixels within `width` of any structure's ground-truth boundary, per 2-D image."""
+def structures_band(mask: np.ndarray, info: DatasetInfo, width: float) -> np.ndarray:
+    """Pixels within `width` of the boundary of any ground-truth structure, per 2-D image
+    (`metrics.boundary_band` of each structure): the band of `uncertainty_quality`'s
+    u_boundary (the rest is its u_interior)."""
     band = np.zeros(mask.shape, bool)
     for s in gt_structures(mask, info):
         band |= metrics.boundary_band(s, width)
@@ -287,7 +299,7 @@ def _pixel_sums(
 
 
 def uncertainty_quality(
-    pred: dict[str, np.ndarray], info: DatasetInfo, width: float, resolution: str = "network"
+    pred: Predictions, info: DatasetInfo, width: float, resolution: str = "network"
 ) -> dict:
     """Pixel-level calibration and uncertainty-error agreement over a whole split.
 
@@ -299,7 +311,7 @@ def uncertainty_quality(
     are kept, for the AUROC.
 
     Args:
-      pred: `predict_split`'s output ('native_mask' needed for 'native').
+      pred: `predict_split`'s output (`native_label` needed for 'native').
       info: the dataset family.
       width: half-width of the band around ground-truth boundaries, in pixels of the grid
         scored.
@@ -311,15 +323,16 @@ def uncertainty_quality(
       'reliability' (bin edges, confidence, accuracy and counts)}.
     """
     if resolution == "network":
-        mask = pred["mask"]
-        band = _band(mask, info, width)
-        parts = [_pixel_sums(pred["probs"], mask, pred["uncertainty"], band, info)]
+        mask = pred.label
+        band = structures_band(mask, info, width)
+        parts = [_pixel_sums(pred.probability, mask, pred.uncertainty, band, info)]
     else:
         parts = []
-        for i, mask in enumerate(pred["native_mask"]):
-            probs = to_native(pred["probs"][i], mask.shape)
-            unc = to_native(pred["uncertainty"][i], mask.shape)
-            parts.append(_pixel_sums(probs, mask, unc, _band(mask, info, width), info))
+        for i, mask in enumerate(pred.native_label):
+            probs = to_native(pred.probability[i], mask.shape)
+            unc = to_native(pred.uncertainty[i], mask.shape)
+            band = structures_band(mask, info, width)
+            parts.append(_pixel_sums(probs, mask, unc, band, info))
     cal = metrics.calibration_from_sums(
         {k: sum(p["calibration"][k] for p in parts) for k in parts[0]["calibration"]}
     )
@@ -345,7 +358,7 @@ _PER_PIXEL = ("calibration", "uncertainty", "error")
 
 
 def score_split(
-    pred: dict[str, np.ndarray],
+    pred: Predictions,
     info: DatasetInfo,
     config: ml_collections.ConfigDict,
     ev: dict,
@@ -385,7 +398,7 @@ def score_split(
         "domain": ev["domain"],
         "split": ev["split"],
         "step": int(step),
-        "num_examples": int(len(pred["case_id"])),
+        "num_examples": int(len(pred.case_id)),
         "num_cases": len(rows),
         "resolution": resolution,
         "distance_unit": unit,
@@ -399,9 +412,9 @@ def score_split(
     return res, rows
 
 
-def distance_unit(pred: dict[str, np.ndarray]) -> str:
+def distance_unit(pred: Predictions) -> str:
     """The one spacing unit of an evaluator's examples ('mm' or 'pixel'); mixed units raise."""
-    units = set(pred["spacing_unit"].tolist())
+    units = set(pred.spacing_unit.tolist())
     if len(units) != 1:
         raise ValueError(f"Mixed spacing units {units} within one evaluator")
     return units.pop()

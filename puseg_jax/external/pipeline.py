@@ -1,8 +1,6 @@
 """A trained run on a new hospital: restore the reported checkpoint, predict, score when
 labelled, write the reports (`evaluate_external`)."""
 
-import functools
-import json
 import math
 import os
 import re
@@ -15,13 +13,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import optax
 
 from data_builders import common
 from puseg_jax import parallel
 from puseg_jax.core.datasets import DatasetInfo
+from puseg_jax.core.formatting import number
 from puseg_jax.core.logging_utils import MetricWriter
-from puseg_jax.evaluators import predict, quality, reports, scoring
+from puseg_jax.evaluators import domains, predict, quality, reports, scoring
+from puseg_jax.evaluators.records import Predictions
 from puseg_jax.external.folders import (
     DOMAIN,
     ROLE,
@@ -40,61 +39,24 @@ from puseg_jax.external.qc import (
     write_review,
 )
 from puseg_jax.external.writers import PREDICTIONS_DIR, write_native_predictions
-from puseg_jax.runs import workdir as runs_workdir
-from puseg_jax.train import checkpoints
+from puseg_jax.runs.run_folder import RunFolder, open_run
 from puseg_jax.train import config as train_config
-from puseg_jax.train import steps as train_steps
+from puseg_jax.train.restore import restore_for_inference
 
 NO_SCORE_NOTE = "No labels: predictions and uncertainty maps were written, no score was computed."
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # ---------------------------------------------------------------------------------------------
-# The run: config, reported checkpoint, name of the report.
+# The run: config, name of the report.
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with (its config.json), checked: its dataset family
+def load_run_config(run: str | RunFolder) -> ml_collections.ConfigDict:
+    """The config a workdir (or its `RunFolder`) was trained with, checked: its dataset family
     must have a folder builder."""
-    config = runs_workdir.load_config(workdir, announce="[eval]")
+    config = open_run(run).load_config(announce="[eval]")
     folder_builder(config.data.name)
     return config
-
-
-def reported_checkpoint(workdir: str) -> tuple[str, int, str]:
-    """The checkpoint a finished run reported: (which folder 'last' | 'best', step, its label
-    as summary.json writes it, 'last' or 'best@<step>').
-
-    Raises:
-      FileNotFoundError: no summary.json (the run has not finished its final evaluation, or this
-        is not a workdir), or no checkpoint at that step.
-    """
-    path = os.path.join(workdir, "summary.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: the run in {workdir} has not finished (its summary names the "
-            "checkpoint it reports). Finish or resume the training, or write the summary with "
-            "`python -m puseg_jax.main --config ... --workdir W --mode=eval`."
-        )
-    with open(path) as f:
-        summary = json.load(f)
-    label, step = str(summary.get("checkpoint", "")), summary.get("step")
-    if label == "last":
-        which = "last"
-    elif label.startswith("best@"):
-        which, step = "best", int(label.split("@", 1)[1])
-    else:
-        raise ValueError(f"{path}: unknown checkpoint {label!r} (expected 'last' or 'best@N')")
-    folder = os.path.join(workdir, "checkpoints", which)
-    steps = (
-        sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
-    )
-    if step is None or int(step) not in steps:
-        raise FileNotFoundError(
-            f"{workdir}: summary.json reports checkpoint {label!r} at step {step}, but "
-            f"{folder} holds steps {steps}"
-        )
-    return which, int(step), label
 
 
 def check_name(workdir: str, config: ml_collections.ConfigDict, name: str, overwrite: bool) -> None:
@@ -116,49 +78,14 @@ def check_name(workdir: str, config: ml_collections.ConfigDict, name: str, overw
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
 
 
-def restore_model(
-    config: ml_collections.ConfigDict, info: DatasetInfo, workdir: str, which: str, step: int, mesh
-):
-    """The reported state placed for the eval step, and the wrapped eval step.
-
-    The parameters and BatchNorm statistics are read from the checkpoint's own metadata, so no
-    model is initialised (no compilation besides the eval step's); the optimizer is not needed.
-    """
-    strategy = config.parallel.strategy
-    _, raw = checkpoints.load_state(workdir, step, which)
-    model = train_steps.create_model(config, info)
-    tx = optax.identity()
-    state = train_steps.TrainState(
-        step=raw["step"],
-        apply_fn=model.apply,
-        params=raw["params"],
-        tx=tx,
-        opt_state=tx.init(raw["params"]),
-        batch_stats=raw.get("batch_stats", {}),
-    )
-    state = parallel.replicate(jax.device_get(state), mesh, strategy)
-    p_eval_step = parallel.wrap_eval_step(
-        functools.partial(train_steps.eval_step, config=config, label_mode=info.label_mode),
-        mesh,
-        strategy,
-    )
-    return state, p_eval_step
-
-
 # ---------------------------------------------------------------------------------------------
 # Reports.
 
 
 def _scalars(name: str, res: dict) -> dict[str, float]:
-    """The report's scalars for TensorBoard (undefined ones, e.g. an AUROC without failures,
-    left out)."""
-    out = {}
-    for s, sm in res.get("structures", {}).items():
-        for m in scoring.SURFACE_METRICS:
-            out[f"eval/{name}/{s}/{m}"] = sm[m]["mean"]
-    for k, v in res.get("uncertainty", {}).items():
-        if k != "reliability":
-            out[f"eval/{name}/uncertainty/{k}"] = v
+    """The report's scalars for TensorBoard: an evaluator's (`domains.eval_scalars`) and the QC
+    detection's; undefined ones (e.g. an AUROC without failures) left out."""
+    out = domains.eval_scalars(name, res)
     for s, d in res["qc"].get("detection", {}).items():
         out[f"eval/{name}/qc/{s}/auroc"] = d["auroc"]
         out[f"eval/{name}/qc/{s}/spearman"] = d["spearman"]
@@ -197,9 +124,10 @@ def evaluate_external(
     """
     # ---- checks, before anything is built or compiled -------------------------------------
     workdir = os.path.abspath(workdir)
-    config = load_run_config(workdir)
+    run = RunFolder(workdir)
+    config = load_run_config(run)
     info = train_config.validate_config(config)
-    which, step, checkpoint = reported_checkpoint(workdir)
+    which, step, checkpoint = run.reported_checkpoint()
     name = name or Path(data).expanduser().resolve().name
     check_name(workdir, config, name, overwrite)
     if qc_score != "auto" and qc_score not in quality.QC_SCORES:
@@ -225,19 +153,19 @@ def evaluate_external(
         n_dev = mesh.devices.size
         # Any device count: the batch is padded anyway, so round it up to a multiple.
         ext_config.eval.batch_size = -(-int(config.eval.batch_size) // n_dev) * n_dev
-        state, p_eval_step = restore_model(config, info, workdir, which, step, mesh)
+        model = restore_for_inference(config, info, workdir, mesh, which=which, step=step)
         _, _, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
         pred = predict.predict_split(
-            p_eval_step,
-            state,
-            eval_rng,
-            ext_config,
-            ext_info,
-            ext_config.data.data_dir,
-            mesh,
-            config.parallel.strategy,
-            DOMAIN,
-            SPLIT,
+            p_eval_step=model.eval_step,
+            state=model.state,
+            rng=eval_rng,
+            config=ext_config,
+            info=ext_info,
+            data_dir=ext_config.data.data_dir,
+            mesh=mesh,
+            strategy=config.parallel.strategy,
+            domain=DOMAIN,
+            split=SPLIT,
         )
         if not ext.labels:
             check_unlabelled(pred, ext)
@@ -309,16 +237,17 @@ def evaluate_external(
     return res
 
 
-def check_unlabelled(pred: Mapping[str, np.ndarray], ext: ExternalData) -> None:
+def check_unlabelled(pred: Predictions, ext: ExternalData) -> None:
     """A domain built without labels holds `common.UNLABELLED_MASK_VALUE` in every mask, on the
     network's and on the native grid; anything else is a builder bug that could be scored."""
-    masks = [pred["mask"]] + list(pred.get("native_mask", []))
+    native = [] if pred.native_label is None else list(pred.native_label)
+    masks = [pred.label] + native
     if not all(np.all(m == common.UNLABELLED_MASK_VALUE) for m in masks):
         raise RuntimeError(f"The unlabelled build of {ext.root} holds masks: a builder bug")
 
 
 def unscored_result(
-    ev: Mapping[str, str], step: int, pred: Mapping[str, np.ndarray], info: DatasetInfo
+    ev: Mapping[str, str], step: int, pred: Predictions, info: DatasetInfo
 ) -> dict[str, Any]:
     """The summary fields of `scoring.score_split` that do not need labels, and the note
     that nothing was scored (no 'resolution', 'distance' or 'structures': there are no
@@ -328,7 +257,7 @@ def unscored_result(
         "domain": ev["domain"],
         "split": ev["split"],
         "step": int(step),
-        "num_examples": int(len(pred["case_id"])),
+        "num_examples": int(len(pred.case_id)),
         "num_cases": len(scoring.group_cases(pred, info.volumetric)),
         "distance_unit": scoring.distance_unit(pred),
         "note": NO_SCORE_NOTE,
@@ -351,10 +280,6 @@ def _external_fields(config, ext: ExternalData, checkpoint: str) -> dict[str, An
     }
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
 def _print_result(res: dict, folder: str) -> None:
     head = f"[eval] {res['domain']} (external, {res['num_cases']} cases, checkpoint "
     head += f"{res['checkpoint']} at step {res['step']})"
@@ -362,8 +287,8 @@ def _print_result(res: dict, folder: str) -> None:
         dice = ", ".join(f"{s} {sm['dice']['mean']:.4f}" for s, sm in res["structures"].items())
         print(f"{head}: Dice {dice} (scored on the {res['resolution']} grid)", flush=True)
         det = ", ".join(
-            f"{s} AUROC {_fmt(d['auroc'])} ({d['n_fail']}/{d['n']} failing), "
-            f"Spearman {_fmt(d['spearman'])}"
+            f"{s} AUROC {number(d['auroc'])} ({d['n_fail']}/{d['n']} failing), "
+            f"Spearman {number(d['spearman'])}"
             for s, d in res["qc"]["detection"].items()
         )
         print(f"[eval] QC score {res['qc']['score']!r} finds failures: {det}", flush=True)

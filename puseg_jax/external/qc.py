@@ -2,15 +2,15 @@
 review.csv that ranks cases most doubtful first."""
 
 import csv
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from puseg_jax.core.datasets import DatasetInfo
-from puseg_jax.evaluators import quality
+from puseg_jax.evaluators import quality, records
+from puseg_jax.evaluators.records import Predictions
+from puseg_jax.runs.run_folder import RunFolder
 from puseg_jax.train import config as train_config
 
 REVIEW_FILE = "review.csv"
@@ -21,36 +21,23 @@ REVIEW_FILE = "review.csv"
 
 def source_val_predictions(
     workdir: str, config: ml_collections.ConfigDict
-) -> tuple[dict[str, dict], dict[str, dict], str]:
+) -> tuple[dict[str, Predictions], dict[str, dict[str, dict[str, float]]], str]:
     """The saved predictions and per-case Dice of a run's source-validation evaluators.
 
     Returns:
-      ({evaluator: predictions as `predict_split` names them}, {evaluator: {case_id:
-      {structure: Dice}}}, '' or the reason they are not available).
+      ({evaluator: `Predictions`}, {evaluator: {case_id: {structure: Dice}}}, '' or the reason
+      they are not available).
     """
     names = [n for n, e in train_config.resolve_evals(config).items() if e["role"] == "source_val"]
     if not names:
         return {}, {}, "the run has no source-validation evaluator"
+    run = RunFolder(workdir)
     preds, dice = {}, {}
     for n in names:
-        folder = os.path.join(workdir, "eval", n)
-        npz, csv_path = (
-            os.path.join(folder, "predictions.npz"),
-            os.path.join(folder, "per_case.csv"),
-        )
-        if not (os.path.isfile(npz) and os.path.isfile(csv_path)):
-            return {}, {}, f"{folder} has no predictions.npz and per_case.csv"
-        with np.load(npz) as z:
-            preds[n] = {
-                "probs": z["probability"].astype(np.float32),
-                "uncertainty": z["uncertainty"].astype(np.float32),
-                "case_id": z["case_id"],
-                "slice_index": z["slice_index"],
-            }
-        dice[n] = {}
-        with open(csv_path, newline="") as f:
-            for row in csv.DictReader(f):
-                dice[n].setdefault(row["case_id"], {})[row["structure"]] = float(row["dice"])
+        if not (run.has_predictions(n) and run.has_per_case(n)):
+            return {}, {}, f"{run.eval_dir(n)} has no predictions.npz and per_case.csv"
+        preds[n] = run.predictions(n)
+        dice[n] = records.case_dice(run.per_case(n))
     return preds, dice, ""
 
 

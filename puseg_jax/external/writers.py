@@ -2,7 +2,6 @@
 for volumes."""
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from data_builders.fundus import fundus
 from data_builders.prostate import prostate
 from puseg_jax.core.datasets import DatasetInfo
 from puseg_jax.evaluators import scoring
+from puseg_jax.evaluators.records import Predictions
 from puseg_jax.external.folders import ExternalData
 
 PREDICTIONS_DIR = "predictions"
@@ -49,7 +49,7 @@ def label_volume(pred_masks: np.ndarray, info: DatasetInfo) -> np.ndarray:
 
 
 def native_case(
-    pred: Mapping[str, np.ndarray],
+    pred: Predictions,
     idx: np.ndarray,
     info: DatasetInfo,
     config: ml_collections.ConfigDict,
@@ -58,19 +58,15 @@ def native_case(
 
     The probabilities are those native scoring thresholds (`scoring.native_probs`: bilinear
     from the network's grid to the builder's native grid, the released image after the centre
-    crop or the volume's own slices), post-processed as `scoring.score_cases` does (in 3-D
-    for volumes); the uncertainty map is resampled the same way, as `uncertainty_quality` does.
+    crop or the volume's own slices), post-processed by `scoring.postprocess_case` as scoring
+    does; the uncertainty map is resampled the same way, as `uncertainty_quality` does.
 
     Returns:
       (structure masks [S, D, H, W] bool, uncertainty [D, H, W] float32 in [0, 1]), D = 1 for
       an image.
     """
-    probs = scoring.native_probs(pred, idx)
+    pm = scoring.postprocess_case(scoring.native_probs(pred, idx), info, config)
     unc = np.clip(scoring.native_probs(pred, idx, key="uncertainty"), 0.0, 1.0)
-    if info.volumetric:
-        pm = scoring.structure_masks(probs, info, config)
-    else:
-        pm = scoring.structure_masks(probs[0], info, config)[:, None]
     return pm, unc.astype(np.float32)
 
 
@@ -170,7 +166,7 @@ def write_nifti_case(
 
 
 def write_native_predictions(
-    pred: Mapping[str, np.ndarray],
+    pred: Predictions,
     ext: ExternalData,
     info: DatasetInfo,
     config: ml_collections.ConfigDict,
@@ -179,7 +175,7 @@ def write_native_predictions(
     """Every case's prediction and uncertainty in the user's format, on the original grid.
 
     Args:
-      pred: `predict.predict_split` output of the external domain ('native_shape' per
+      pred: `predict.predict_split` output of the external domain (`native_shape` per
         example).
       ext: the folder it was built from (original files).
       info: the family info reading it.

@@ -32,7 +32,7 @@ from puseg_jax.metrics.calibration import (
     calibration_sums,
     nll,
 )
-from puseg_jax.metrics.overlap import compute_dice, largest_connected_component, postprocess_fundus
+from puseg_jax.metrics.overlap import compute_dice, largest_connected_component
 from puseg_jax.metrics.surface import (
     compute_case_metrics,
     compute_slicewise_metrics,
@@ -58,7 +58,6 @@ __all__ = [
     "empty_mask_distance",
     "largest_connected_component",
     "nll",
-    "postprocess_fundus",
     "summarize",
     "summarize_cases",
     "surface_distances",

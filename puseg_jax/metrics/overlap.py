@@ -1,4 +1,4 @@
-"""Overlap of binary masks: Dice, the largest connected component, fundus post-processing."""
+"""Overlap of binary masks: Dice and the largest connected component."""
 
 from __future__ import annotations
 
@@ -77,46 +77,3 @@ def largest_connected_component(mask: np.ndarray, connectivity: int = 1) -> np.n
     sizes[0] = 0  # background is not a component
     # argmax returns the first maximum; labels are assigned in raster order.
     return labels == np.argmax(sizes)
-
-
-def postprocess_fundus(
-    prob_od: np.ndarray,
-    prob_oc: np.ndarray,
-    threshold: float = 0.5,
-    lcc: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Turns optic disc and cup probabilities into anatomically consistent masks.
-
-    The disc is thresholded (and reduced to its largest component), then the cup is thresholded
-    and restricted to the disc (the cup lies inside the disc by definition), and only then
-    reduced to its largest component, so that the final cup is both connected and inside the
-    final disc.
-
-    Args:
-      prob_od: foreground probability of the optic disc, (H, W) or a batch (N, H, W).
-      prob_oc: foreground probability of the optic cup, same shape.
-      threshold: a pixel is foreground where its probability is strictly above it (0.5 by
-        default; 0.75 is a common stricter choice for fundus).
-      lcc: keep only the largest connected component (connectivity 1) of each structure in each
-        image.
-
-    Returns:
-      (od, oc): boolean masks of the input shape, with ``oc <= od`` everywhere.
-    """
-    prob_od, prob_oc = np.asarray(prob_od), np.asarray(prob_oc)
-    if prob_od.shape != prob_oc.shape:
-        raise ValueError(f"OD and OC shapes differ: {prob_od.shape} vs {prob_oc.shape}")
-    if prob_od.ndim == 3:
-        pairs = [
-            postprocess_fundus(d, c, threshold, lcc) for d, c in zip(prob_od, prob_oc, strict=True)
-        ]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-    if prob_od.ndim != 2:
-        raise ValueError(f"expected (H, W) or (N, H, W) probabilities, got shape {prob_od.shape}")
-    od = prob_od > threshold
-    if lcc:
-        od = largest_connected_component(od)
-    oc = (prob_oc > threshold) & od
-    if lcc:
-        oc = largest_connected_component(oc)
-    return od, oc

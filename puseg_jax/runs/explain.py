@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from puseg_jax.core.formatting import number
 from puseg_jax.evaluators import scoring
 
 BASELINE = "erm"
@@ -19,10 +20,6 @@ def _dice(summary: dict, role: str) -> dict[str, float]:
         vals = [ev[s]["dice"] for ev in evs if ev[s].get("dice") is not None]
         out[s] = float(np.mean(vals)) if vals else float("nan")
     return out
-
-
-def _num(x: float, fmt: str = ".3f") -> str:
-    return "n/a" if x is None or math.isnan(x) else format(x, fmt)
 
 
 def explain(summaries: Sequence[dict]) -> str:
@@ -50,7 +47,7 @@ def explain(summaries: Sequence[dict]) -> str:
     gaps = []
     for sm in summaries:
         src, tgt = _dice(sm, scoring.SELECTION_ROLE), _dice(sm, "target")
-        per = ", ".join(f"{s} {_num(src[s])} -> {_num(tgt[s])}" for s in structures)
+        per = ", ".join(f"{s} {number(src[s])} -> {number(tgt[s])}" for s in structures)
         gaps.append(f"{sm['method']} {per}")
     if any(ev["role"] == scoring.SELECTION_ROLE for ev in first["evals"].values()):
         lines.append(f"Domain gap (Dice, source validation -> unseen {target}): " + "; ".join(gaps))
@@ -63,7 +60,7 @@ def explain(summaries: Sequence[dict]) -> str:
         if sm is base:
             continue
         d = _dice(sm, "target")
-        per = ", ".join(f"{s} {_num(d[s] - base_dice[s], '+.3f')}" for s in structures)
+        per = ", ".join(f"{s} {number(d[s] - base_dice[s], '+.3f')}" for s in structures)
         diffs.append(f"{sm['method']} - {base['method']}: {per}")
     if diffs:
         lines.append(f"On {target}, Dice of " + "; ".join(diffs))
@@ -77,7 +74,7 @@ def explain(summaries: Sequence[dict]) -> str:
         ]
         vals = [v for v in vals if v is not None and not math.isnan(v)]
         if vals:
-            ratios.append(f"{sm['method']} {_num(float(np.mean(vals)), '.1f')}x")
+            ratios.append(f"{sm['method']} {number(float(np.mean(vals)), '.1f')}x")
     if ratios:
         lines.append(
             f"Mean uncertainty near ground-truth boundaries vs elsewhere on {target}: "

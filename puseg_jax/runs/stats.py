@@ -22,7 +22,6 @@ MS_seed comes out small its df jump towards n - 1. docs/method.md has the simula
 (`puseg_jax.runs.power`).
 """
 
-import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from scipy import stats as sps
+
+from puseg_jax.runs.run_folder import RunFolder
 
 LEVEL = 0.95
 
@@ -69,10 +70,9 @@ def target_eval(summary: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def read_per_case(workdir: str | Path, eval_name: str) -> dict[tuple[str, str], float]:
-    """{(case_id, structure): Dice} from `<workdir>/eval/<eval_name>/per_case.csv`."""
-    path = Path(workdir) / "eval" / eval_name / "per_case.csv"
-    with open(path, newline="") as f:
-        return {(row["case_id"], row["structure"]): float(row["dice"]) for row in csv.DictReader(f)}
+    """{(case_id, structure): Dice} of an evaluator's per-case table (`RunFolder.per_case`)."""
+    per_case = RunFolder(workdir).per_case(eval_name)
+    return {(c, s): m["dice"] for c, row in per_case.items() for s, m in row.items()}
 
 
 # ---------------------------------------------------------------------------------------------

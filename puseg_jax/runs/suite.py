@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from puseg_jax.core import config_diff
+from puseg_jax.core.paths import REPO_ROOT
 from puseg_jax.model import losses
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from puseg_jax.runs.run_folder import RunFolder
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
@@ -152,7 +152,7 @@ def plan_runs(
                         seed=seed,
                         workdir=str(workdir),
                         command=command,
-                        done=(workdir / "summary.json").is_file(),
+                        done=RunFolder(workdir).has_summary(),
                     )
                 )
     return runs

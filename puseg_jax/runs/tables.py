@@ -7,24 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from puseg_jax.core.formatting import mean_std
 from puseg_jax.model import losses
 from puseg_jax.runs import stats
 from puseg_jax.runs.choice import choose_per_target, source_val_rows, source_val_scores
+from puseg_jax.runs.run_folder import RunFolder
 from puseg_jax.runs.stats import _mean_std, paired_comparison, target_eval
 
 
-def _fmt(mean: float, std: float, digits: int, n: int = 2) -> str:
-    """'mean ± std', or the mean alone when it comes from one value (no spread to show)."""
-    if not math.isfinite(mean):
-        return "n/a"
-    if n < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def _cell(stat: tuple[float, float, int], digits: int) -> str:
-    mean, std, n = stat
-    return _fmt(mean, std, digits, n) if n else "n/a"
+    """A (mean, std, n) statistic as 'mean ± std' (`formatting.mean_std`)."""
+    return mean_std(*stat[:2], digits, stat[2])
 
 
 def collect(
@@ -51,11 +44,13 @@ def collect(
     """
     base = Path(root) / family / suite
     found = []
-    for path in sorted(base.glob("*/*/seed*/summary.json")):
-        workdir = path.parent
+    for workdir in sorted(base.glob("*/*/seed*")):
+        run = RunFolder(workdir)
+        if not run.has_summary():  # not finished
+            continue
         target, variant, seed = workdir.parent.parent.name, workdir.parent.name, workdir.name
         seed = int(seed[len("seed") :])
-        summary = json.loads(path.read_text())
+        summary = run.summary()
         method = summary["method"]
         if targets and target not in targets:
             continue
@@ -196,7 +191,7 @@ def format_results(
         cells = [r["target"], r["variant"], str(len(r["seeds"]))]
         cells += [_cell(r["stats"][k], d) for k, _, d in metric_cols]
         wall = r["stats"]["wall_s"]
-        cells.append(_fmt(wall[0] / 60, wall[1] / 60, 1, wall[2]) if wall[2] else "n/a")
+        cells.append(mean_std(wall[0] / 60, wall[1] / 60, 1, wall[2]))
         cells.append(r["distance_unit"])
         lines.append("| " + " | ".join(cells) + " |")
 

@@ -7,23 +7,19 @@ a `matplotlib.figure.Figure` made without pyplot, so nothing is shown or kept op
 caller's back: a notebook displays the returned figure, a script saves it (`save_figure`).
 """
 
-import csv
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 
-from puseg_jax.core import config_diff
 from puseg_jax.core.datasets import DatasetInfo, get_dataset_info
+from puseg_jax.core.formatting import number, to_float
+from puseg_jax.core.paths import REPO_ROOT
 from puseg_jax.evaluators import scoring
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-PREDICTIONS_FILE = "predictions.npz"
+from puseg_jax.evaluators.records import PerCase, Predictions
+from puseg_jax.runs.run_folder import RunFolder
 
 
 @dataclasses.dataclass
@@ -43,6 +39,11 @@ class Workdir:
     evals: dict[str, dict]
 
     @property
+    def run(self) -> RunFolder:
+        """The reader of the run's files."""
+        return RunFolder(self.path)
+
+    @property
     def method(self) -> str:
         return str(self.config.method)
 
@@ -55,7 +56,7 @@ class Workdir:
         return self.evals[name]["role"]
 
     def eval_dir(self, name: str) -> str:
-        return os.path.join(self.path, "eval", name)
+        return self.run.eval_dir(name)
 
 
 def default_workdir(env_var: str = "PUSEG_WORKDIR", method: str = "ours") -> str:
@@ -70,57 +71,19 @@ def default_workdir(env_var: str = "PUSEG_WORKDIR", method: str = "ours") -> str
 
 
 def load_config(workdir: str, announce: str = "") -> ml_collections.ConfigDict:
-    """The config a workdir was trained with (its config.json).
-
-    Args:
-      workdir: a training workdir.
-      announce: a console prefix such as '[eval]': when set, the config fields the run predates
-        (taken at their defaults, `config_diff.with_defaults`) are named on the console.
-
-    Returns:
-      The config, completed with the defaults of fields added since the run.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: is {workdir!r} a training workdir? (python -m puseg_jax.main "
-            "writes config.json there; `./run.sh demo` writes workdirs/demo/erm and "
-            "workdirs/demo/ours)"
-        )
-    with open(path) as f:
-        # Fields are added with the old behaviour as their default, so a run older than some
-        # fields computed what their defaults compute.
-        completed, added = config_diff.with_defaults(json.load(f))
-    if added and announce:
-        print(
-            f"{announce} {path} predates {len(added)} config field(s), taken at their defaults: "
-            + ", ".join(added),
-            flush=True,
-        )
-    return ml_collections.ConfigDict(completed)
-
-
-def _evaluator_names(config: ml_collections.ConfigDict) -> list[str]:
-    from puseg_jax.train import config as train_config
-
-    return list(train_config.resolve_evals(config))
+    """The config a workdir was trained with, completed with the defaults of fields added since
+    (`RunFolder.load_config`; `announce` names them on the console)."""
+    return RunFolder(workdir).load_config(announce)
 
 
 def missing_predictions(workdir: str) -> list[str]:
     """Evaluators of a workdir whose `predictions.npz` (or report) is missing."""
-    config = load_config(workdir)
-    return [
-        n
-        for n in _evaluator_names(config)
-        if not all(
-            os.path.isfile(os.path.join(workdir, "eval", n, f))
-            for f in ("summary.json", "per_case.csv", PREDICTIONS_FILE)
-        )
-    ]
+    run = RunFolder(workdir)
+    return [n for n in run.evaluator_names() if not run.has_reports(n)]
 
 
-def evaluate_checkpoint(workdir: str) -> None:
-    """Evaluates the workdir's last checkpoint on every evaluator with predictions saved
+def reevaluate_workdir(workdir: str) -> None:
+    """Evaluates the workdir's reported checkpoint on every evaluator with predictions saved
     (`trainer.evaluate_only`, i.e. `--mode=eval`): rewrites eval/ and summary.json."""
     from puseg_jax.train import trainer
 
@@ -141,22 +104,20 @@ def open_workdir(workdir: str, evaluate_if_missing: bool = False) -> Workdir:
     Returns:
       The `Workdir`.
     """
-    config = load_config(workdir)
+    run = RunFolder(workdir)
+    config = run.config
     missing = missing_predictions(workdir)
     if missing and evaluate_if_missing:
         print(f"[inspect] {workdir}: no saved predictions for {missing}; evaluating the checkpoint")
-        evaluate_checkpoint(workdir)
+        reevaluate_workdir(workdir)
         missing = missing_predictions(workdir)
     if missing:
         raise FileNotFoundError(
-            f"{workdir}: eval/<name>/{PREDICTIONS_FILE} missing for {missing}; pass "
-            "evaluate_if_missing=True (command line: --evaluate_if_missing) to evaluate the "
-            "checkpoint"
+            f"{workdir}: eval/<name>/ reports (predictions, per-case table) missing for "
+            f"{missing}; pass evaluate_if_missing=True (command line: --evaluate_if_missing) to "
+            "evaluate the checkpoint"
         )
-    evals = {}
-    for name in _evaluator_names(config):
-        with open(os.path.join(workdir, "eval", name, "summary.json")) as f:
-            evals[name] = json.load(f)
+    evals = {name: run.eval_summary(name) for name in run.evaluator_names()}
     order = sorted(evals, key=lambda n: evals[n]["role"] != "source_val")  # stable
     evals = {n: evals[n] for n in order}
     return Workdir(workdir, config, get_dataset_info(config.data.name), evals)
@@ -174,75 +135,47 @@ def default_domain(wd: Workdir) -> str:
     return (targets or wd.eval_names)[0]
 
 
-def load_predictions(wd: Workdir, name: str) -> dict[str, np.ndarray]:
-    """An evaluator's saved predictions under the names `predict.predict_split` uses.
+def load_predictions(wd: Workdir, name: str) -> Predictions:
+    """An evaluator's saved predictions (`RunFolder.predictions`).
 
     The file stores float16; arrays come back as float32. Masks recomputed from them can differ
     from the scored ones on pixels within float16 rounding of the threshold; the Dice shown
     everywhere is the scored one (per_case.csv).
-
-    Returns:
-      {'image' [N, H, W, C], 'mask' [N, H, W] class indices, 'probs' [N, H, W, K],
-      'uncertainty' [N, H, W], 'case_id' [N], 'slice_index' [N]}.
     """
-    with np.load(os.path.join(wd.eval_dir(name), PREDICTIONS_FILE)) as z:
-        return {
-            "image": z["image"].astype(np.float32),
-            "mask": z["label"],
-            "probs": z["probability"].astype(np.float32),
-            "uncertainty": z["uncertainty"].astype(np.float32),
-            "case_id": z["case_id"],
-            "slice_index": z["slice_index"],
-        }
+    return wd.run.predictions(name)
 
 
-def load_all_predictions(wd: Workdir) -> dict[str, dict[str, np.ndarray]]:
+def load_all_predictions(wd: Workdir) -> dict[str, Predictions]:
     """`load_predictions` of every evaluator, by name."""
     return {n: load_predictions(wd, n) for n in wd.eval_names}
 
 
-def _number(x) -> float:
-    """A JSON or CSV number; evaluation writes undefined values (NaN) as null / empty."""
-    if x is None or x in ("", "None", "null"):
-        return float("nan")
-    return float(x)
+def load_per_case(wd: Workdir, name: str) -> PerCase:
+    """per_case.csv as {case_id: {structure: {dice, hd95, asd, empty_pred, empty_gt}}}
+    (`RunFolder.per_case`)."""
+    return wd.run.per_case(name)
 
 
-def load_per_case(wd: Workdir, name: str) -> dict[str, dict[str, dict]]:
-    """per_case.csv as {case_id: {structure: {dice, hd95, asd, empty_pred, empty_gt}}}."""
-    out: dict[str, dict[str, dict]] = {}
-    with open(os.path.join(wd.eval_dir(name), "per_case.csv"), newline="") as f:
-        for row in csv.DictReader(f):
-            out.setdefault(row["case_id"], {})[row["structure"]] = {
-                "dice": _number(row["dice"]),
-                "hd95": _number(row["hd95"]),
-                "asd": _number(row["asd"]),
-                "empty_pred": row["empty_pred"] == "True",
-                "empty_gt": row["empty_gt"] == "True",
-            }
-    return out
-
-
-def mean_case_dice(per_case: dict[str, dict[str, dict]]) -> dict[str, float]:
+def mean_case_dice(per_case: PerCase) -> dict[str, float]:
     """Mean Dice over structures, per case."""
     return {c: float(np.mean([s["dice"] for s in row.values()])) for c, row in per_case.items()}
 
 
-def case_uncertainty(pred: dict[str, np.ndarray], info: DatasetInfo) -> dict[str, float]:
+def case_uncertainty(pred: Predictions, info: DatasetInfo) -> dict[str, float]:
     """Mean pixel uncertainty of each case (all its pixels, all its slices).
 
     Inputs are the network's fixed size, so this is the uncertain area of a case in units of
     the image: a case-level flag that needs no label.
     """
     return {
-        c: float(pred["uncertainty"][idx].mean())
+        c: float(pred.uncertainty[idx].mean())
         for c, idx in scoring.group_cases(pred, info.volumetric)
     }
 
 
 def select_cases(
-    pred: dict[str, np.ndarray],
-    per_case: dict[str, dict[str, dict]],
+    pred: Predictions,
+    per_case: PerCase,
     info: DatasetInfo,
     num: int,
     order: str = "first",
@@ -274,11 +207,6 @@ def select_cases(
     return ranked[:num]
 
 
-def dice_text(per_case: dict[str, dict[str, dict]], case_id: str) -> str:
-    """'OD 0.912, OC 0.804' for a case."""
-    return ", ".join(f"{s} {m['dice']:.3f}" for s, m in per_case[case_id].items())
-
-
 def uncertainty_table(wds: Workdir | Sequence[Workdir]) -> str:
     """Markdown table of the uncertainty metrics of every evaluator of one or more workdirs,
     with the mean Dice over structures."""
@@ -290,8 +218,9 @@ def uncertainty_table(wds: Workdir | Sequence[Workdir]) -> str:
     ]
     for wd in wds:
         for name, ev in wd.evals.items():
-            dice = np.mean([_number(ev["structures"][s]["dice"]["mean"]) for s in ev["structures"]])
+            dice = np.mean([to_float(sm["dice"]["mean"]) for sm in ev["structures"].values()])
             unc = ev.get("uncertainty", {})
-            cells = " | ".join(f"{_number(unc.get(k)):.4f}" for k in keys)
-            lines.append(f"| {wd.method} | {name} | {ev['role']} | {dice:.4f} | {cells} |")
+            cells = " | ".join(number(to_float(unc.get(k)), ".4f") for k in keys)
+            row = [wd.method, name, ev["role"], number(dice, ".4f"), cells]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

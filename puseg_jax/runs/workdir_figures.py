@@ -8,15 +8,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from puseg_jax import metrics
-from puseg_jax.core.datasets import DatasetInfo
+from puseg_jax.core.formatting import number, to_float
 from puseg_jax.drawing import panels
 from puseg_jax.drawing.figures import TILE_INCHES, volume_slices
 from puseg_jax.evaluators import case_panels, scoring
+from puseg_jax.evaluators.records import PerCase, Predictions
 from puseg_jax.runs.workdir import (
     Workdir,
-    _number,
     case_uncertainty,
-    dice_text,
     load_all_predictions,
     load_per_case,
     load_predictions,
@@ -26,11 +25,16 @@ from puseg_jax.runs.workdir import (
 ROLE_MARKERS = {"source_val": "o", "target": "X"}
 
 
+def _dice_text(per_case: PerCase, case_id: str) -> str:
+    """'OD 0.912, OC 0.804': a case's scored Dice, as the evaluation's panels show it."""
+    return panels.dice_text({s: m["dice"] for s, m in per_case[case_id].items()})
+
+
 def cases_figure(
     wd: Workdir,
     name: str,
-    pred: dict[str, np.ndarray],
-    per_case: dict[str, dict[str, dict]],
+    pred: Predictions,
+    per_case: PerCase,
     cases: Sequence[tuple[str, np.ndarray]],
 ) -> Figure:
     """One row per case: image | ground truth | prediction | uncertainty | errors, with the
@@ -59,7 +63,7 @@ def cases_figure(
         )
         panels.tile_row(axes[r], tiles, panels.TILE_TITLES if r == 0 else None)
         where = f" (slice {j})" if wd.info.volumetric else ""
-        axes[r, 0].set_ylabel(f"{case_id}{where}\nDice {dice_text(per_case, case_id)}", fontsize=8)
+        axes[r, 0].set_ylabel(f"{case_id}{where}\nDice {_dice_text(per_case, case_id)}", fontsize=8)
     fig.suptitle(f"{wd.method} on {name} ({wd.role(name)})")
     panels.add_scale_and_legend(fig, axes, wd.info.structures)
     return fig
@@ -68,8 +72,8 @@ def cases_figure(
 def slice_grid_figure(
     wd: Workdir,
     name: str,
-    pred: dict[str, np.ndarray],
-    per_case: dict[str, dict[str, dict]],
+    pred: Predictions,
+    per_case: PerCase,
     case_id: str,
     slices: Sequence[int] | None = None,
     max_slices: int = 12,
@@ -109,24 +113,13 @@ def slice_grid_figure(
         axes[r, 0].set_ylabel(f"slice {j}\n{slice_dice}", fontsize=8)
     fig.suptitle(
         f"{wd.method} on {name}: {case_id}, {arrays['gt'].shape[1]} slices, "
-        f"3-D Dice {dice_text(per_case, case_id)}"
+        f"3-D Dice {_dice_text(per_case, case_id)}"
     )
     panels.add_scale_and_legend(fig, axes, wd.info.structures)
     return fig
 
 
-def boundary_band(mask: np.ndarray, info: DatasetInfo, width: float) -> np.ndarray:
-    """Pixels within `width` of the boundary of any ground-truth structure, per 2-D slice: the
-    band of `scoring.uncertainty_quality`'s u_boundary (the rest is its u_interior)."""
-    band = np.zeros(mask.shape, bool)
-    for s in scoring.gt_structures(mask, info):
-        band |= metrics.boundary_band(s, width)
-    return band
-
-
-def boundary_histogram_figure(
-    wd: Workdir, preds: dict[str, dict[str, np.ndarray]], bins: int = 40
-) -> Figure:
+def boundary_histogram_figure(wd: Workdir, preds: dict[str, Predictions], bins: int = 40) -> Figure:
     """Histograms of pixel uncertainty near the ground-truth boundary versus elsewhere, one
     panel per evaluator (the band is `config.eval.boundary_width` pixels on each side).
 
@@ -145,8 +138,8 @@ def boundary_histogram_figure(
     edges = np.linspace(0, 1, bins + 1)
     for ax, name in zip(axes, names, strict=True):
         pred = preds[name]
-        band = boundary_band(pred["mask"], wd.info, width)
-        u = pred["uncertainty"]
+        band = scoring.structures_band(pred.label, wd.info, width)
+        u = pred.uncertainty
         for sel, label, colour in ((band, "boundary", "C3"), (~band, "elsewhere", "C0")):
             if sel.any():
                 ax.hist(
@@ -195,7 +188,7 @@ def reliability_figure(wd: Workdir) -> Figure:
             style,
             marker=marker,
             color=f"C{k}",
-            label=f"{name} ({ev['role']}), ECE {_number(unc['ece']):.4f}",
+            label=f"{name} ({ev['role']}), ECE {number(to_float(unc['ece']), '.4f')}",
         )
         centres = (edges[:-1] + edges[1:]) / 2
         ax_n.step(centres, np.where(ok, counts, np.nan), where="mid", color=f"C{k}")
@@ -211,7 +204,7 @@ def reliability_figure(wd: Workdir) -> Figure:
 
 def dice_vs_uncertainty_figure(
     wds: Workdir | Sequence[Workdir],
-    preds: dict[str, dict[str, dict[str, np.ndarray]]] | None = None,
+    preds: dict[str, dict[str, Predictions]] | None = None,
 ) -> Figure:
     """Per-case Dice against the case's mean uncertainty, for every evaluator of one or more
     workdirs; colour by domain, marker by role (source circle, target cross), one panel per
@@ -305,7 +298,7 @@ def compare_figure(
         titles = [f"{case_id}{where}\nimage", "ground truth"]
         for wd, pc in ((wd_a, pc_a), (wd_b, pc_b)):
             titles += [
-                f"{wd.method}\nprediction\nDice {dice_text(pc, case_id)}",
+                f"{wd.method}\nprediction\nDice {_dice_text(pc, case_id)}",
                 f"{wd.method}\nuncertainty",
                 f"{wd.method}\nerrors",
             ]

@@ -25,6 +25,7 @@ from puseg_jax.evaluators import domains, reports
 from puseg_jax.model import conv_ops
 from puseg_jax.train import checkpoints
 from puseg_jax.train.config import _config_json, check_resume_config, resolve_evals, validate_config
+from puseg_jax.train.restore import restore_for_inference
 from puseg_jax.train.steps import create_model, create_train_state, eval_step, train_step
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rng = jax.random.key(config.seed)
     init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
     host_state = create_train_state(config, info, model, init_rng)
-    writer = reports.make_writer(workdir)
+    writer = logging_utils.MetricWriter(workdir)
     replicated = NamedSharding(mesh, P())
 
     # ---- restore ----------------------------------------------------------------------------
@@ -218,18 +219,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def run_evals(names: list[str], step: int, full: bool) -> dict[str, dict]:
         return domains.evaluate_domains(
-            p_eval_step,
-            state,
-            eval_rng,
-            config,
-            info,
-            data_dir,
-            mesh,
-            strategy,
-            {n: evals[n] for n in names},
-            workdir,
-            step,
-            writer,
+            p_eval_step=p_eval_step,
+            state=state,
+            rng=eval_rng,
+            config=config,
+            info=info,
+            data_dir=data_dir,
+            mesh=mesh,
+            strategy=strategy,
+            evals={n: evals[n] for n in names},
+            workdir=workdir,
+            step=step,
+            writer=writer,
             full=full,
         )
 
@@ -340,19 +341,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         preemption.restore()
 
     # ---- final evaluation ------------------------------------------------------------------
-    summary = evaluate_checkpoint(
-        config,
-        workdir,
-        info,
-        mesh,
-        strategy,
-        state,
-        p_eval_step,
-        eval_rng,
-        writer,
-        ckpts,
-        evals,
-        num_steps,
+    selected, step = "last", num_steps
+    if config.model_selection == "source_val" and ckpts.latest_step("best") is not None:
+        best = restore_for_inference(config, info, workdir, mesh, which="best")
+        # Into the training state's layout: the compiled eval step is reused.
+        state = state.replace(params=best.state.params, batch_stats=best.state.batch_stats)
+        selected, step = best.label, best.step
+        print(f"[eval] reporting checkpoint {selected} (best source-validation Dice)", flush=True)
+    summary = evaluate_and_summarize(
+        config=config,
+        workdir=workdir,
+        info=info,
+        mesh=mesh,
+        state=state,
+        p_eval_step=p_eval_step,
+        eval_rng=eval_rng,
+        writer=writer,
+        evals=evals,
+        step=step,
+        checkpoint=selected,
     )
     if (
         source_val
@@ -369,76 +376,102 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return summary
 
 
-def evaluate_checkpoint(
-    config, workdir, info, mesh, strategy, state, p_eval_step, eval_rng, writer, ckpts, evals, step
-):
-    """Evaluates the selected checkpoint (last, or best on source validation) on all evals."""
-    selected = "last"
-    if config.model_selection == "source_val" and ckpts.latest_step("best") is not None:
-        best = ckpts.latest_step("best")
-        host = parallel.unreplicate(state, strategy)
-        restored, _ = ckpts.restore(best, host, NamedSharding(mesh, P()), which="best")
-        state = parallel.replicate(restored, mesh, strategy)
-        selected, step = f"best@{best}", best
-        print(f"[eval] reporting checkpoint {selected} (best source-validation Dice)", flush=True)
-    data_dir = prepare.resolve_data_dir(config)
+def evaluate_and_summarize(
+    *,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    info,
+    mesh,
+    state,
+    p_eval_step,
+    eval_rng: jax.Array,
+    writer: logging_utils.MetricWriter,
+    evals: dict[str, dict],
+    step: int,
+    checkpoint: str,
+) -> dict[str, Any]:
+    """The final evaluation: every evaluator with its reports on disk, and the run's summary.
+
+    Args:
+      config: the run's config.
+      workdir: where eval/<name>/ goes.
+      info: the dataset family.
+      mesh: the device mesh.
+      state: the reported model, in the eval step's layout.
+      p_eval_step: the wrapped eval step.
+      eval_rng: the evaluation key.
+      writer: the run's metric writer.
+      evals: the evaluators (`resolve_evals`).
+      step: the reported checkpoint's step.
+      checkpoint: its label, 'last' or 'best@<step>'.
+
+    Returns:
+      The summary (`reports.make_summary`), not yet written.
+    """
     results = domains.evaluate_domains(
-        p_eval_step,
-        state,
-        eval_rng,
-        config,
-        info,
-        data_dir,
-        mesh,
-        strategy,
-        evals,
-        workdir,
-        step,
-        writer,
+        p_eval_step=p_eval_step,
+        state=state,
+        rng=eval_rng,
+        config=config,
+        info=info,
+        data_dir=prepare.resolve_data_dir(config),
+        mesh=mesh,
+        strategy=config.parallel.strategy,
+        evals=evals,
+        workdir=workdir,
+        step=step,
+        writer=writer,
         full=True,
     )
-    return reports.make_summary(config, info, results, evals, selected, step)
+    return reports.make_summary(config, info, results, evals, checkpoint, step)
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """`--mode=eval`: evaluates the workdir's checkpoint on all evals, no training."""
+    """`--mode=eval`: evaluates the workdir's reported checkpoint on all evaluators, no
+    training (the best on source validation with `model_selection='source_val'` when there is
+    one, else the last), and rewrites eval/ and summary.json.
+
+    Args:
+      config: the run's config.
+      workdir: the trained workdir.
+
+    Returns:
+      The summary written to `<workdir>/summary.json`.
+    """
     info = validate_config(config)
     parallel.maybe_initialize_distributed(config)
     mesh = parallel.create_mesh(config.parallel.num_devices)
     parallel.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
-    strategy = config.parallel.strategy
-    evals = resolve_evals(config)
-    model = create_model(config, info)
-    init_rng, _, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
-    host_state = create_train_state(config, info, model, init_rng)
     ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-    step = ckpts.latest_step()
-    if step is None:
+    try:
+        last, best = ckpts.latest_step(), ckpts.latest_step("best")
+    finally:
+        ckpts.close()
+    if last is None:
         raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints/last to evaluate")
-    host_state, _ = ckpts.restore(step, host_state, NamedSharding(mesh, P()))
-    state = parallel.replicate(host_state, mesh, strategy)
-    p_eval_step = parallel.wrap_eval_step(
-        functools.partial(eval_step, config=config, label_mode=info.label_mode),
-        mesh,
-        strategy,
-        compiler_options=conv_ops.compiler_options(config.model.conv_impl),
-    )
-    writer = reports.make_writer(workdir)
-    summary = evaluate_checkpoint(
-        config,
-        workdir,
-        info,
-        mesh,
-        strategy,
-        state,
-        p_eval_step,
-        eval_rng,
-        writer,
-        ckpts,
-        evals,
-        step,
-    )
-    reports.write_summary(workdir, summary)
-    writer.close()
-    ckpts.close()
+    which = "best" if config.model_selection == "source_val" and best is not None else "last"
+    model = restore_for_inference(config, info, workdir, mesh, which=which)
+    if which == "best":
+        print(
+            f"[eval] reporting checkpoint {model.label} (best source-validation Dice)", flush=True
+        )
+    _, _, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
+    writer = logging_utils.MetricWriter(workdir)
+    try:
+        summary = evaluate_and_summarize(
+            config=config,
+            workdir=workdir,
+            info=info,
+            mesh=mesh,
+            state=model.state,
+            p_eval_step=model.eval_step,
+            eval_rng=eval_rng,
+            writer=writer,
+            evals=resolve_evals(config),
+            step=model.step,
+            checkpoint=model.label,
+        )
+        reports.write_summary(workdir, summary)
+    finally:
+        writer.close()
     return summary
