@@ -1,5 +1,4 @@
-"""Runs a leave-one-domain-out suite (every target, variant and seed) and writes its results
-table: `python -m puseg_jax.experiments`.
+"""Runs a leave-one-domain-out suite, then writes its table: `python -m puseg_jax.experiments`.
 
   python -m puseg_jax.experiments FAMILY [METHOD ...] [--targets=T1,T2] [--seeds=0,1,2]
       [--budget cpu|paper] [--nifti] [--root workdirs/experiments] [--manual_dir DIR]

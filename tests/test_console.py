@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests import conftest
 from tests.train_worker import RUN_STEPS, SMALL_MODEL, shared_jax_cache, worker_env
 
@@ -122,3 +124,43 @@ def test_main_prints_only_its_own_lines_and_logs_everything(tfds_dir, tmp_path_f
     assert "[eval] step 12 Domain1 (source_val" in log
     for line in console:
         assert line in log  # the console's lines too, in the same words
+
+
+# The first line of each command line's --help (its docstring) and what it must name: what the
+# command writes, and where.
+CLI_HELP = {
+    "main": ("Trains a model (then evaluates it)", ("log.txt", "summary.json", "checkpoints")),
+    "evaluate": ("Runs a trained model on a hospital", ("W/eval/NAME", "review.csv")),
+    "visualize": ("Draws PNG panels and figures", ("DIR/<domain>/", "contact_sheet.png")),
+    "experiments": ("Runs a leave-one-domain-out suite", ("results.md", "run.json")),
+    "report": ("Prints the results of finished runs", ("writes nothing", "summary.json")),
+}
+
+
+def _python_m(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"puseg_jax.{module}", *args],
+        cwd=conftest.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("module", sorted(CLI_HELP))
+def test_every_command_line_has_help_and_refuses_a_bad_flag(module):
+    first_line, written = CLI_HELP[module]
+    result = _python_m(module, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    head = result.stdout.splitlines()[0]
+    assert head.startswith(first_line) and f"`python -m puseg_jax.{module}`" in head
+    for name in written:
+        assert name in result.stdout, name
+    assert "\nflags:\n" in result.stdout and "--verbosity=0" in result.stdout
+    # absl's own flags pass through to absl; an unknown one is a usage error naming it.
+    result = _python_m(module, "--verbosity=1", "--no_such_flag=3")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"python -m puseg_jax.{module}: error: Unknown command line flag 'no_such_flag'",
+        "Pass --help to see the flags.",
+    ]
