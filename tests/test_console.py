@@ -164,3 +164,18 @@ def test_every_command_line_has_help_and_refuses_a_bad_flag(module):
         f"python -m puseg_jax.{module}: error: Unknown command line flag 'no_such_flag'",
         "Pass --help to see the flags.",
     ]
+
+
+def test_importing_the_command_lines_installs_no_log_handler():
+    # A library logging while a command line module is imported (orbax and grain do, on their
+    # own import) makes Python install its default stderr handler on the root logger, which
+    # would print every INFO line beside absl's handler once `app.run` starts.
+    script = (
+        "import logging\n"
+        "from puseg_jax import evaluate, experiments, main, report, visualize\n"
+        "assert not logging.root.handlers, logging.root.handlers\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=conftest.REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
