@@ -73,6 +73,37 @@ def test_progress_updates_in_place_on_a_terminal_and_logs_plain_lines(monkeypatc
     assert capsys.readouterr().out == "[train] step 3/4\n"
 
 
+def test_run_log_is_undone_after_its_block_and_keeps_the_failure(tmp_path, capsys):
+    from absl import logging as absl_logging
+
+    from puseg_jax.core import logging_utils
+
+    streams, handlers = (sys.stdout, sys.stderr), list(logging.getLogger().handlers)
+    absl_filters = list(absl_logging.get_absl_handler().filters)
+    with logging_utils.run_log(str(tmp_path), verbose=False):
+        print("[eval] inside")
+        logging.getLogger("some.library").warning("a library warning")
+        assert absl_logging.get_absl_handler().filters == [
+            *absl_filters,
+            logging_utils._quiet_console,
+        ]
+        try:
+            with logging_utils.run_log(str(tmp_path / "inner"), verbose=True):
+                raise ValueError("boom")
+        except ValueError:
+            pass
+    print("[eval] after")
+    assert (sys.stdout, sys.stderr) == streams
+    assert logging.getLogger().handlers == handlers
+    assert absl_logging.get_absl_handler().filters == absl_filters
+    assert logging_utils._ACTIVE is None
+    assert capsys.readouterr().out == "[eval] inside\n[eval] after\n"
+    log = (tmp_path / "log.txt").read_text()
+    assert "[eval] inside" in log and "a library warning" in log and "after" not in log
+    inner = (tmp_path / "inner" / "log.txt").read_text()
+    assert inner.rstrip().endswith("ValueError: boom") and "Traceback" in inner
+
+
 def test_main_prints_only_its_own_lines_and_logs_everything(tfds_dir, tmp_path_factory):
     # The resume test's run (same programs, so the shared compilation cache serves both), with
     # evaluation every 12 of its 24 steps: the periodic evaluation at step 24 falls on the last

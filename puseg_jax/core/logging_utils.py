@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -167,6 +168,12 @@ def run_log(workdir: str, verbose: bool) -> Iterator[None]:
     undo = setup_run_log(workdir, verbose)
     try:
         yield
+    except BaseException as e:
+        # The console gets the failure from whoever handles it, after the block; the log keeps
+        # it too, as it did when the run log lasted until the process ended.
+        if _ACTIVE is not None and not (isinstance(e, SystemExit) and not e.code):
+            _ACTIVE.file.write("".join(traceback.format_exception(e)))
+        raise
     finally:
         undo()
 
