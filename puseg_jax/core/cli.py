@@ -78,7 +78,9 @@ def help_text(doc: str, fv: flags.FlagValues, full: bool = False) -> str:
 def _flag_help(flag: flags.Flag) -> str:
     """`  --name: help` with the default and the choices, wrapped as absl wraps them."""
     text = flag.help  # an enum's help starts with its choices (absl adds them)
-    if flag.default is not None and flag.default != [] and not flag.boolean:
+    if isinstance(flag.parser, flags.ListParser):
+        text += " (a comma-separated list)"
+    if flag.default not in (None, "", []) and not flag.boolean:
         text += f" (default: {flag.default_as_str})"
     elif flag.boolean:
         text += f" (default: {str(bool(flag.default)).lower()})"
