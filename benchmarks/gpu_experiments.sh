@@ -60,7 +60,7 @@ for target in "${targets[@]}"; do
     tag=$(printf '%s' "$v" | tr -c 'A-Za-z0-9._=+-' '_')
     for seed in $seeds; do
       "$py" -m puseg_jax.experiments "$family" "$method" --targets "$target" --seeds "$seed" \
-        --root "$root" --data-dir "$data_dir" --manual-dir "" \
+        --root "$root" --data_dir "$data_dir" --manual_dir "" \
         "${family_args[@]}" "${words[@]:1}" "${extra[@]}" \
         >"$root/runner.$target.$tag.$seed.log" 2>&1 &
       pids+=($!)
@@ -82,6 +82,7 @@ for pid in "${pids[@]}"; do
 done
 echo "[gpu_experiments] ${#pids[@]} runs, $failed failed or stopped, $(( $(date +%s) - start )) s"
 table_args=()
-[ -n "${COMPARE:-}" ] && { read -r -a cmp <<<"$COMPARE"; table_args+=(--compare "${cmp[@]}"); }
+# COMPARE is space-separated here; the flag takes a comma-separated list.
+[ -n "${COMPARE:-}" ] && table_args+=("--compare=$(printf '%s' "$COMPARE" | tr -s ' ' ',')")
 [ -n "${CHOOSE:-}" ] && table_args+=(--choose)
 "$py" -m puseg_jax.experiments table "$family" --root "$root" "${table_args[@]}"

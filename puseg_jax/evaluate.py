@@ -1,6 +1,7 @@
-"""A trained model on a hospital it never saw: `python -m puseg_jax.evaluate`.
+"""Runs a trained model on a hospital it never saw: `python -m puseg_jax.evaluate`.
 
-    python -m puseg_jax.evaluate --workdir W --data DIR [--name NAME]
+    python -m puseg_jax.evaluate --workdir W --data DIR [--name NAME] [--labels auto|yes|no]
+        [--fail_dice 0.9] [--qc_score auto] [--center_crop train] [--overwrite]
 
 builds DIR as a test-only domain of W's dataset family (its `config.json`), predicts every case
 with W's reported checkpoint (the one its `summary.json` names: the last, or the best on source
@@ -35,33 +36,32 @@ Layouts of DIR:
 
 Everything is written into a hidden folder beside the result (`W/eval/.partial-NAME-*`) and
 renamed to `W/eval/NAME` at the end: a failure leaves nothing half-written. The console shows
-the `[prepare]` and `[eval]` lines; every log line goes to `W/log.txt`
-(`logging_utils.setup_run_log`, `--verbose` or `PUSEG_VERBOSE=1` for all of it on the console).
+the `[prepare]` and `[eval]` lines; every log line goes to `W/log.txt` as well (`--verbosity=0`
+or `PUSEG_VERBOSE=1` for all of it on the console).
 
-Only `main` knows about flags; `evaluate_external` is the function.
+Only `main` knows about flags; `external.pipeline.evaluate_external` is the function.
 """
 
-import argparse
-import logging as pylogging
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from absl import flags as absl_flags
-from absl import logging
+from absl import flags
 
-from puseg_jax.core import logging_utils
+from puseg_jax.core import cli
 from puseg_jax.evaluators import quality
 from puseg_jax.external.folders import LABELS
-from puseg_jax.external.pipeline import evaluate_external
+
+PROG = "python -m puseg_jax.evaluate"
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
 
-def parse_fail_dice(text: str) -> float | dict[str, float]:
+def parse_fail_dice(text: str | float) -> float | dict[str, float]:
     """'0.9' -> 0.9; 'OD=0.9,OC=0.8' -> {'OD': 0.9, 'OC': 0.8}."""
+    if isinstance(text, int | float):
+        return float(text)
     try:
         if "=" not in text:
             return float(text)
@@ -71,111 +71,120 @@ def parse_fail_dice(text: str) -> float | dict[str, float]:
             out[key.strip()] = float(value)
         return out
     except ValueError as e:
-        raise argparse.ArgumentTypeError(
-            f"--fail_dice {text!r}: expected a number (0.9) or STRUCTURE=VALUE pairs "
-            "(OD=0.9,OC=0.8)"
+        raise ValueError(
+            f"{text!r}: expected a number (0.9) or STRUCTURE=VALUE pairs (OD=0.9,OC=0.8)"
         ) from e
 
 
-def parse_center_crop(text: str) -> int | None | str:
+def parse_center_crop(text: str | int | None) -> int | None | str:
     """'train' | 'none' | a positive int."""
+    if text is None or isinstance(text, int):
+        return text
     if text in ("train", "none"):
         return None if text == "none" else text
     try:
         return int(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--center_crop {text!r}: train, none or an int") from e
+        raise ValueError(f"{text!r}: train, none or an int") from e
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line's flags: `evaluate_external`'s arguments, and `verbose`.
+class _Parser(flags.ArgumentParser):
+    """A flag value parsed by a function (absl reports its ValueError as a bad value)."""
+
+    def __init__(self, function, syntactic_help: str):
+        self._function = function
+        self.syntactic_help = syntactic_help
+
+    def parse(self, argument):
+        return self._function(argument)
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """The flags of `evaluate_external`, on `fv`."""
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "a finished training workdir; the report is written to W/eval/NAME",
+        flag_values=fv,
+        required=True,
+    )
+    flags.DEFINE_string(
+        "data",
+        None,
+        "the hospital's folder. fundus: DIR/test/ROIs/{image,mask} or DIR/{image,mask} (mask "
+        "optional); prostate: DIR/<case>.nii.gz [+ <case>_segmentation.nii.gz]",
+        flag_values=fv,
+        required=True,
+    )
+    flags.DEFINE_string("name", None, "report name (default: DIR's name)", flag_values=fv)
+    flags.DEFINE_enum(
+        "labels",
+        "auto",
+        list(LABELS),
+        "auto: score when masks are there; yes: masks required; no: ignore masks",
+        flag_values=fv,
+    )
+    flags.DEFINE(
+        _Parser(parse_fail_dice, "a number or STRUCTURE=VALUE pairs"),
+        "fail_dice",
+        quality.DEFAULT_FAIL_DICE,
+        "a case fails below this Dice: 0.9, or per structure OD=0.9,OC=0.8",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "qc_score",
+        "auto",
+        ["auto", *quality.QC_SCORES],
+        "auto: the score that best finds failures on the run's source validation",
+        flag_values=fv,
+    )
+    flags.DEFINE(
+        _Parser(parse_center_crop, "train, none or an int"),
+        "center_crop",
+        "train",
+        "fundus: train (the crop the model saw), none (whole images) or a side in pixels",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "overwrite", False, "replace an earlier eval/NAME of this command", flag_values=fv
+    )
+
+
+def parse_flags(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The command line as `evaluate_external`'s keyword arguments.
 
     Args:
-      argv: command-line arguments (None: sys.argv[1:]).
+      argv: command-line arguments, program name excluded (None: sys.argv[1:]).
+
+    Returns:
+      workdir, data, name, labels, fail_dice, qc_score, center_crop, overwrite.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m puseg_jax.evaluate",
-        description="Runs a trained workdir's reported checkpoint on a folder of your own (a "
-        "hospital the model never saw) and writes W/eval/NAME: scores when there are labels, "
-        "predictions and uncertainty maps in your formats on your grid, and review.csv (cases "
-        "ranked by a quality-control score, most doubtful first).",
-    )
-    parser.add_argument("--workdir", required=True, help="a finished training workdir")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="fundus: DIR/test/ROIs/{image,mask} or DIR/{image,mask} (mask optional); "
-        "prostate: DIR/<case>.nii.gz [+ <case>_segmentation.nii.gz]",
-    )
-    parser.add_argument("--name", default=None, help="report name (default: DIR's name)")
-    parser.add_argument(
-        "--labels",
-        default="auto",
-        choices=LABELS,
-        help="auto: score when masks are there; yes: masks required; no: ignore masks",
-    )
-    parser.add_argument(
-        "--fail_dice",
-        type=parse_fail_dice,
-        default=quality.DEFAULT_FAIL_DICE,
-        help="a case fails below this Dice: 0.9, or per structure OD=0.9,OC=0.8 (default 0.9)",
-    )
-    parser.add_argument(
-        "--qc_score",
-        default="auto",
-        choices=("auto",) + quality.QC_SCORES,
-        help="auto: the score that best finds failures on the run's source validation",
-    )
-    parser.add_argument(
-        "--center_crop",
-        type=parse_center_crop,
-        default="train",
-        help="fundus: train (the crop the model saw), none (whole images) or a side in pixels",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier eval/NAME of this command"
-    )
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help=f"library log lines on the console too (also {logging_utils.VERBOSE_ENV}=1); "
-        f"they are always in W/{logging_utils.LOG_FILE}",
-    )
-    return parser.parse_args(argv)
+    fv, args = cli.parse(argv, __doc__, define_flags, PROG)
+    cli.no_positional(args, PROG)
+    names = ("workdir", "data", "name", "labels", "fail_dice", "qc_score", "center_crop")
+    return {name: fv[name].value for name in (*names, "overwrite")}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """`python -m puseg_jax.evaluate`: flags -> the run's log -> `evaluate_external`.
 
     Args:
-      argv: command-line arguments (None: sys.argv[1:]).
+      argv: command-line arguments, program name excluded (None: sys.argv[1:]).
 
     Returns:
       The written summary.
     """
-    args = vars(parse_args(argv))
-    verbose = args.pop("verbose") or logging_utils.verbose_from_env()
+    kwargs = parse_flags(argv)
+    # Imported here, after absl's log handler is installed: orbax and grain log on import.
+    from puseg_jax.external.pipeline import evaluate_external
+
     # The workdir's log.txt, as a training run's: only in a training workdir, so that a mistyped
     # --workdir stops with its message without becoming a folder.
-    if os.path.isfile(os.path.join(args["workdir"], "config.json")):
-        # The console as `python -m puseg_jax.main` has it (app.run there): absl's handler on
-        # the root logger, its flags at their defaults (this command line is argparse's), INFO
-        # to log.txt. A library that logged while this module was imported made absl install
-        # `logging.basicConfig`'s stderr handler, which would print every INFO line: removed.
-        absl_flags.FLAGS.mark_as_parsed()
-        for handler in list(pylogging.root.handlers):
-            if type(handler) is pylogging.StreamHandler:
-                pylogging.root.removeHandler(handler)
-        logging.use_absl_handler()
-        logging_utils.setup_run_log(args["workdir"], verbose)
-        logging.set_verbosity(logging.INFO)
-    return evaluate_external(**args)
+    trained = os.path.isfile(os.path.join(kwargs["workdir"], "config.json"))
+    with cli.console(kwargs["workdir"] if trained else None):
+        return evaluate_external(**kwargs)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # The user's mistakes (DataError is a ValueError): the message, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    # The user's mistakes (DataError is a ValueError): the message, not a traceback.
+    cli.run(main, user_errors=(ValueError, FileNotFoundError, FileExistsError))

@@ -1,7 +1,8 @@
-"""The results of finished runs, side by side: the table and what it shows.
+"""Prints the results of finished runs side by side: `python -m puseg_jax.report`.
 
     python -m puseg_jax.report W/erm/summary.json W/ours/summary.json
 
+reads each run's `summary.json` (written by `python -m puseg_jax.main`), writes nothing, and
 prints the Dice/HD95/ASD table of the runs (`reports.format_table`) and under it a few lines
 that say what a reader is looking at (`explain`): the domain gap of each method (source
 validation against the unseen target), the methods' difference on the target, and where the
@@ -9,11 +10,20 @@ uncertainty is. `./run.sh demo` ends with it.
 """
 
 import json
-import sys
 from collections.abc import Sequence
 
+from absl import flags
+
+from puseg_jax.core import cli
 from puseg_jax.evaluators import reports
 from puseg_jax.runs.explain import explain
+
+PROG = "python -m puseg_jax.report"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """None: the runs are the positional arguments."""
+    del fv
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -25,11 +35,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     Returns:
       The printed text.
     """
-    paths = list(sys.argv[1:] if argv is None else argv)
-    if not paths or any(p.startswith("-") for p in paths):
-        raise SystemExit(
-            "Usage: python -m puseg_jax.report RUN/summary.json [RUN2/summary.json ...]"
-        )
+    _, paths = cli.parse(argv, __doc__, define_flags, PROG)
+    if not paths:
+        raise cli.usage_error(PROG, "no runs: RUN/summary.json [RUN2/summary.json ...]")
     summaries = []
     for path in paths:
         try:
@@ -37,10 +45,11 @@ def main(argv: Sequence[str] | None = None) -> str:
                 summaries.append(json.load(f))
         except FileNotFoundError:
             raise SystemExit(f"{path} not found: has that run finished its evaluation?") from None
-    text = reports.format_table(summaries) + "\n\n" + explain(summaries)
-    print(text)
+    with cli.console():
+        text = reports.format_table(summaries) + "\n\n" + explain(summaries)
+        print(text)
     return text
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,19 +1,25 @@
-"""`python -m puseg_jax.visualize`: PNG panels and figures of a trained workdir.
+"""Draws PNG panels and figures of a trained workdir: `python -m puseg_jax.visualize`.
 
-    python -m puseg_jax.visualize --workdir W --domain D --out DIR [--cases N] [--compare W2]
+    python -m puseg_jax.visualize --workdir W --out DIR [--domain D ...] [--cases N]
+        [--order first|worst|best|most_uncertain] [--compare W2] [--evaluate_if_missing]
 
-writes, per domain, one titled panel per case (`panel_<i>_<case>.png`, drawn as evaluation
-draws `eval/<name>/panel_*.png` and the TensorBoard images), a contact sheet of those cases with
-their Dice (`contact_sheet.png`), for volumes a grid over the slices of each case
-(`slices_<case>.png`) and, with `--compare`, the same cases under a second run side by side.
-See `main` for every option. The drawing is `puseg_jax.drawing.panels`; the figures are
-`puseg_jax.runs.workdir_figures` (the notebook's helpers).
+writes into `DIR/<domain>/`, per evaluated domain of W (`--domain`, repeated, picks some): one
+titled panel per case (`panel_<i>_<case>.png`, drawn as evaluation draws `eval/<name>/panel_*.png`
+and the TensorBoard images), a contact sheet of those cases with their Dice
+(`contact_sheet.png`), for volumes a grid over the slices of each case (`slices_<case>.png`)
+and, with `--compare`, the same cases under a second run side by side
+(`compare_<method2>_<method>.png`). It reads W's `eval/<domain>/predictions.npz` and
+`per_case.csv` (with `--evaluate_if_missing`, a workdir without them is evaluated first, which
+needs its data) and prints the paths it wrote. The drawing is `puseg_jax.drawing.panels`; the
+figures are `puseg_jax.runs.workdir_figures` (the notebook's helpers).
 """
 
-import argparse
 import os
 from collections.abc import Sequence
 
+from absl import flags
+
+from puseg_jax.core import cli
 from puseg_jax.drawing import figures, panels
 from puseg_jax.evaluators import case_panels
 from puseg_jax.runs import workdir, workdir_figures
@@ -67,58 +73,68 @@ def write_domain_pngs(
     return written
 
 
+PROG = "python -m puseg_jax.visualize"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """The flags of `main`, on `fv`."""
+    flags.DEFINE_string("workdir", None, "a training workdir", flag_values=fv, required=True)
+    flags.DEFINE_string(
+        "out", None, "output folder (one subfolder per domain)", flag_values=fv, required=True
+    )
+    flags.DEFINE_multi_string(
+        "domain",
+        None,
+        "evaluator name (eval/<name>); repeat for several; default: every evaluated one",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("cases", 4, "cases per domain", lower_bound=1, flag_values=fv)
+    flags.DEFINE_enum(
+        "order",
+        "first",
+        ["first", "worst", "best", "most_uncertain"],
+        "which cases: the first ones (as in TensorBoard), the lowest or highest Dice, or the "
+        "highest mean uncertainty",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "compare",
+        "",
+        "a second workdir of the same data (e.g. the erm run): adds a side-by-side figure",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "evaluate_if_missing",
+        False,
+        "evaluate the checkpoint first when predictions.npz is missing (needs the data)",
+        flag_values=fv,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> list[str]:
     """`python -m puseg_jax.visualize`: PNG panels and a contact sheet from a workdir.
 
     Args:
-      argv: command-line arguments (None: sys.argv[1:]).
+      argv: command-line arguments, program name excluded (None: sys.argv[1:]).
 
     Returns:
       The paths written.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m puseg_jax.visualize",
-        description="Writes PNG panels (image | ground truth | prediction | uncertainty | "
-        "errors) and a contact sheet per evaluated domain of a workdir.",
-    )
-    parser.add_argument("--workdir", required=True, help="a training workdir")
-    parser.add_argument(
-        "--domain",
-        action="append",
-        help="evaluator name (eval/<name>); repeat for several; default: every evaluated one",
-    )
-    parser.add_argument("--out", required=True, help="output folder (one subfolder per domain)")
-    parser.add_argument("--cases", type=int, default=4, help="cases per domain (default 4)")
-    parser.add_argument(
-        "--order",
-        default="first",
-        choices=("first", "worst", "best", "most_uncertain"),
-        help="which cases: the first ones (as in TensorBoard), the lowest or highest Dice, or "
-        "the highest mean uncertainty",
-    )
-    parser.add_argument(
-        "--compare",
-        default="",
-        help="a second workdir of the same data (e.g. the erm run): adds a side-by-side figure",
-    )
-    parser.add_argument(
-        "--evaluate_if_missing",
-        action="store_true",
-        help="evaluate the checkpoint first when predictions.npz is missing (needs the data)",
-    )
-    args = parser.parse_args(argv)
-    wd = workdir.open_workdir(args.workdir, evaluate_if_missing=args.evaluate_if_missing)
-    other = None
-    if args.compare:
-        other = workdir.open_workdir(args.compare, evaluate_if_missing=args.evaluate_if_missing)
-    names = args.domain or wd.eval_names
-    written = []
-    for name in names:
-        written += write_domain_pngs(wd, name, args.out, args.cases, args.order, other)
-    for path in written:
-        print(path)
+    fv, args = cli.parse(argv, __doc__, define_flags, PROG)
+    cli.no_positional(args, PROG)
+    # An evaluation (--evaluate_if_missing) writes into the workdir: its log.txt gets the log.
+    with cli.console(fv.workdir if fv.evaluate_if_missing else None):
+        wd = workdir.open_workdir(fv.workdir, evaluate_if_missing=fv.evaluate_if_missing)
+        other = None
+        if fv.compare:
+            other = workdir.open_workdir(fv.compare, evaluate_if_missing=fv.evaluate_if_missing)
+        written = []
+        for name in fv.domain or wd.eval_names:
+            written += write_domain_pngs(wd, name, fv.out, fv.cases, fv.order, other)
+        for path in written:
+            print(path)
     return written
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests import conftest
 from tests.train_worker import RUN_STEPS, SMALL_MODEL, shared_jax_cache, worker_env
 
@@ -71,6 +73,37 @@ def test_progress_updates_in_place_on_a_terminal_and_logs_plain_lines(monkeypatc
     assert capsys.readouterr().out == "[train] step 3/4\n"
 
 
+def test_run_log_is_undone_after_its_block_and_keeps_the_failure(tmp_path, capsys):
+    from absl import logging as absl_logging
+
+    from puseg_jax.core import logging_utils
+
+    streams, handlers = (sys.stdout, sys.stderr), list(logging.getLogger().handlers)
+    absl_filters = list(absl_logging.get_absl_handler().filters)
+    with logging_utils.run_log(str(tmp_path), verbose=False):
+        print("[eval] inside")
+        logging.getLogger("some.library").warning("a library warning")
+        assert absl_logging.get_absl_handler().filters == [
+            *absl_filters,
+            logging_utils._quiet_console,
+        ]
+        try:
+            with logging_utils.run_log(str(tmp_path / "inner"), verbose=True):
+                raise ValueError("boom")
+        except ValueError:
+            pass
+    print("[eval] after")
+    assert (sys.stdout, sys.stderr) == streams
+    assert logging.getLogger().handlers == handlers
+    assert absl_logging.get_absl_handler().filters == absl_filters
+    assert logging_utils._ACTIVE is None
+    assert capsys.readouterr().out == "[eval] inside\n[eval] after\n"
+    log = (tmp_path / "log.txt").read_text()
+    assert "[eval] inside" in log and "a library warning" in log and "after" not in log
+    inner = (tmp_path / "inner" / "log.txt").read_text()
+    assert inner.rstrip().endswith("ValueError: boom") and "Traceback" in inner
+
+
 def test_main_prints_only_its_own_lines_and_logs_everything(tfds_dir, tmp_path_factory):
     # The resume test's run (same programs, so the shared compilation cache serves both), with
     # evaluation every 12 of its 24 steps: the periodic evaluation at step 24 falls on the last
@@ -122,3 +155,58 @@ def test_main_prints_only_its_own_lines_and_logs_everything(tfds_dir, tmp_path_f
     assert "[eval] step 12 Domain1 (source_val" in log
     for line in console:
         assert line in log  # the console's lines too, in the same words
+
+
+# The first line of each command line's --help (its docstring) and what it must name: what the
+# command writes, and where.
+CLI_HELP = {
+    "main": ("Trains a model (then evaluates it)", ("log.txt", "summary.json", "checkpoints")),
+    "evaluate": ("Runs a trained model on a hospital", ("W/eval/NAME", "review.csv")),
+    "visualize": ("Draws PNG panels and figures", ("DIR/<domain>/", "contact_sheet.png")),
+    "experiments": ("Runs a leave-one-domain-out suite", ("results.md", "run.json")),
+    "report": ("Prints the results of finished runs", ("writes nothing", "summary.json")),
+}
+
+
+def _python_m(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"puseg_jax.{module}", *args],
+        cwd=conftest.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("module", sorted(CLI_HELP))
+def test_every_command_line_has_help_and_refuses_a_bad_flag(module):
+    first_line, written = CLI_HELP[module]
+    result = _python_m(module, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    head = result.stdout.splitlines()[0]
+    assert head.startswith(first_line) and f"`python -m puseg_jax.{module}`" in head
+    for name in written:
+        assert name in result.stdout, name
+    assert "\nflags:\n" in result.stdout and "--verbosity=0" in result.stdout
+    # absl's own flags pass through to absl; an unknown one is a usage error naming it.
+    result = _python_m(module, "--verbosity=1", "--no_such_flag=3")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"python -m puseg_jax.{module}: error: Unknown command line flag 'no_such_flag'",
+        "Pass --help to see the flags.",
+    ]
+
+
+def test_importing_the_command_lines_installs_no_log_handler():
+    # A library logging while a command line module is imported (orbax and grain do, on their
+    # own import) makes Python install its default stderr handler on the root logger, which
+    # would print every INFO line beside absl's handler once `app.run` starts.
+    script = (
+        "import logging\n"
+        "from puseg_jax import evaluate, experiments, main, report, visualize\n"
+        "assert not logging.root.handlers, logging.root.handlers\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=conftest.REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -214,7 +214,7 @@ def test_variants_are_compared_and_the_default_is_chosen_on_source_validation(tm
             )
             _fake_run(tmp_path, target, "erm", seed, (0.7, 0.5), cases, val=(0.80, 0.60))
     argv = ["table", "fundus", "--root", str(tmp_path), "--choose"]
-    argv += ["--compare", f"{lam3}:ours_no_highlight", "ours:erm"]
+    argv += ["--compare", f"{lam3}:ours_no_highlight,ours:erm"]
     assert experiments.main(argv) == 0
     data = json.loads((tmp_path / "fundus" / "cpu" / "results.json").read_text())
     choices = {c["target"]: c for c in data["choice"]}
@@ -275,9 +275,9 @@ def test_dry_run_plans_every_run_and_skips_finished_ones(tmp_path, capsys):
     _fake_run(tmp_path, "Domain1", "erm", 0, (0.8, 0.6), {"a": (0.8, 0.6)})
     variant = "erm__num_train_steps=2"
     _fake_run(tmp_path, "Domain1", "erm", 0, (0.8, 0.6), {"a": (0.8, 0.6)}, variant=variant)
-    argv = ["fundus", "erm", "ours", "--targets", "Domain1", "Domain3", "--seeds", "0", "1"]
-    argv += ["--root", str(tmp_path), "--dry-run", "--config.num_train_steps=2"]
-    argv += ["--manual-dir", "/data/fundus"]
+    argv = ["fundus", "erm", "--targets=Domain1,Domain3", "ours", "--seeds", "0,1"]
+    argv += ["--root", str(tmp_path), "--dry_run", "--config.num_train_steps=2"]
+    argv += ["--manual_dir", "/data/fundus"]
     assert experiments.main(argv) == 0
     out = capsys.readouterr().out
     commands = [line for line in out.splitlines() if "puseg_jax.main" in line]
@@ -330,5 +330,37 @@ def test_bad_arguments():
         runs_suite.plan_runs("fundus", ["erm"], ["RUNMC"], [0], "/tmp")
     with pytest.raises(ValueError, match="prostate family only"):
         runs_suite.plan_runs("fundus", ["erm"], ["Domain1"], [0], "/tmp", nifti=True)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="Unknown command line flag 'bogus'"):
         experiments.main(["fundus", "--bogus"])
+
+
+def test_command_line_flags(fake_suite, capsys):
+    def refused(argv, match):
+        with pytest.raises(SystemExit, match=match) as e:
+            experiments.main(argv)
+        assert e.value.code != 0
+
+    # The absl spelling only, with absl's suggestion for the old one.
+    refused(["fundus", "--dry-run"], "Unknown command line flag 'dry-run'. Did you mean: dry_run")
+    # A list written with spaces would make its values methods: refused, with the syntax.
+    refused(["fundus", "--targets", "Domain1", "Domain3"], "--targets=A,Domain3")
+    refused(["fundus", "--seeds", "0", "1", "--dry_run"], "--seeds=0,1")
+    refused(["table", "fundus", "--compare", "a:b", "c:d"], "--compare=A:B,c:d")
+    refused(["fundus", "--seeds=0,x"], "--seeds takes integers")
+    refused(["fundus", "--config.seed", "3"], "--config.FIELD=VALUE")
+    refused(["--budget=paper"], "missing FAMILY")
+    refused(["retina"], "unknown family 'retina'")
+    refused(["fundus", "--budget=gpu"], "value should be one of <cpu|paper>")
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("Runs a leave-one-domain-out suite")
+    assert "results.md" in help_text and "--dry_run" in help_text and "--manual_dir" in help_text
+    # Each call parses afresh: an earlier call's flags do not carry over.
+    argv = ["table", "fundus", "--root", str(fake_suite)]
+    assert experiments.main([*argv, "--choose", "--compare=ours:erm"]) == 0
+    assert json.loads((fake_suite / "fundus" / "cpu" / "results.json").read_text())["choice"]
+    assert experiments.main(argv) == 0
+    data = json.loads((fake_suite / "fundus" / "cpu" / "results.json").read_text())
+    assert data["choice"] is None

@@ -71,14 +71,16 @@ def _fake_workdir(tmp_path, family="fundus", step=7, **overrides) -> str:
 
 
 def _cli(argv) -> dict:
-    """The command line's flags as `evaluate_external` takes them (`main` also sets up the
-    process-wide run log, which a test must not)."""
-    from puseg_jax import evaluate
-    from puseg_jax.external import pipeline as external_pipeline
+    """`python -m puseg_jax.evaluate`'s `main`: its flags, its run log (undone at its end)."""
+    import sys
 
-    args = vars(evaluate.parse_args(argv))
-    assert args.pop("verbose") is False
-    return external_pipeline.evaluate_external(**args)
+    from puseg_jax import evaluate
+
+    stdout = sys.stdout
+    try:
+        return evaluate.main(argv)
+    finally:
+        assert sys.stdout is stdout  # the console is the test's again
 
 
 def _dice(a, b) -> float:
@@ -275,7 +277,15 @@ def test_new_fundus_hospital_from_the_command_line(tiny_workdir, shared_data, tm
     run_summary = _json(os.path.join(workdir, "summary.json"))
     # The QC score is chosen on source validation: the target's predictions are never read.
     os.remove(os.path.join(workdir, "eval", "Domain3", "predictions.npz"))
-    res = _cli(["--workdir", workdir, "--data", str(hospital), "--fail_dice", "0.8"])
+    log_path = Path(workdir, "log.txt")  # none yet: the session's run was trained in-process
+    log_before = log_path.read_text() if log_path.exists() else ""
+    res = _cli(["--workdir", workdir, "--data", str(hospital), "--fail_dice=0.8"])
+    # The command's lines are appended to the run's log.txt, under a header naming it.
+    log = log_path.read_text()
+    assert log.startswith(log_before)
+    added = log[len(log_before) :]
+    assert added.count("\n==== ") == 1
+    assert "[eval] wrote " in added and "[prepare] Hospital4: " in added
 
     out = os.path.join(workdir, "eval", "Hospital4")
     summary = _json(os.path.join(out, "summary.json"))

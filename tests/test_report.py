@@ -88,8 +88,15 @@ def test_main_prints_table_and_explanation(tmp_path, capsys):
     assert explanation.startswith("Domain gap")
     with pytest.raises(SystemExit, match="has that run finished"):
         report.main([str(tmp_path / "missing.json")])
-    with pytest.raises(SystemExit, match="Usage"):
+    with pytest.raises(SystemExit, match="no runs: RUN/summary.json"):
         report.main([])
+    with pytest.raises(SystemExit, match="Unknown command line flag 'table'"):
+        report.main([*paths, "--table"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        report.main(["--help"])
+    assert e.value.code == 0
+    assert "summary.json" in capsys.readouterr().out
 
 
 def test_explain_of_the_trained_workdir(tiny_workdir):

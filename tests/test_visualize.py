@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -385,16 +383,31 @@ def test_cli_on_trained_workdir_matches_evaluation_panels(tiny_workdir, tmp_path
     assert np.mean(np.abs(a - b) > 2) < 0.01
 
 
-def test_cli_help_as_a_module():
-    result = subprocess.run(
-        [sys.executable, "-m", "puseg_jax.visualize", "--help"],
-        cwd=conftest.REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+def test_cli_flags(tiny_workdir, tmp_path, capsys):
+    from puseg_jax import visualize
+
+    def refused(argv, match):
+        with pytest.raises(SystemExit, match=match) as e:
+            visualize.main(argv)
+        assert e.value.code != 0
+
+    refused(["--workdir", tiny_workdir], "Flag --out must have a value")
+    refused(["--workdir", tiny_workdir, "--out", str(tmp_path), "--cases=0"], "--cases=0")
+    refused(["--workdir", tiny_workdir, "--out", str(tmp_path), "Domain1"], "unexpected argum")
+    refused(["--workdir", tiny_workdir, "--out", str(tmp_path), "--order=random"], "<first|")
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Draws PNG panels") and "DIR/<domain>/" in text
+    assert "--evaluate_if_missing" in text and "--cases" in text
+    # --domain repeats; nothing is left over from an earlier call (--order, --compare).
+    written = visualize.main(
+        ["--workdir", tiny_workdir, "--out", str(tmp_path), "--domain=Domain1", "--domain"]
+        + ["Domain3", "--cases", "1"]
     )
-    assert result.returncode == 0, result.stderr
-    assert "--workdir" in result.stdout and "--cases" in result.stdout
+    assert sorted(os.listdir(tmp_path)) == ["Domain1", "Domain3"]
+    assert len(written) == 2 * 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -95,38 +97,96 @@ def _same_file(stream, path: str) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def setup_run_log(workdir: str, verbose: bool) -> None:
+def setup_run_log(workdir: str, verbose: bool) -> Callable[[], None]:
     """Sends everything a run prints and logs to `<workdir>/log.txt` (appended), and keeps the
     console to the program's own lines unless `verbose`.
 
-    Called once by `main.py`, after absl has parsed the flags and installed its log handler;
-    tests and notebooks that call `trainer.train_and_evaluate` directly keep Python's defaults.
-    When stdout already is that log.txt (`./run.sh experiments` redirects each run's output
-    there), the output is the log: it is left alone, unfiltered, so each line is written once.
+    Called by the command lines (`core.cli.console`), after absl has parsed the flags and
+    installed its log handler; tests and notebooks that call `trainer.train_and_evaluate`
+    directly keep Python's defaults. When stdout already is that log.txt (`./run.sh experiments`
+    redirects each run's output there), the output is the log: it is left alone, unfiltered, so
+    each line is written once.
 
     Args:
       workdir: the run's workdir (created if missing).
       verbose: show library INFO lines and TFDS progress bars on the console too.
+
+    Returns:
+      A function that undoes it all (console, handlers, log file), for `run_log`.
     """
     global _ACTIVE, _PROGRESS_BARS
+    previous = (_ACTIVE, _PROGRESS_BARS)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOG_FILE)
     file = open(path, "a", buffering=1, encoding="utf-8")  # line-buffered: readable while running
     if _same_file(sys.stdout, path):
         file.close()
         _PROGRESS_BARS = False  # redrawn bars are noise in a file
-        return
+
+        def undo_progress_bars() -> None:
+            global _PROGRESS_BARS
+            _PROGRESS_BARS = previous[1]
+
+        return undo_progress_bars
     _PROGRESS_BARS = verbose
     file.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
     run = _RunLog(file, sys.stdout)
+    streams = (sys.stdout, sys.stderr)
     sys.stdout = _Tee(sys.stdout, run)
     sys.stderr = _Tee(sys.stderr, run)
     handler = logging.StreamHandler(file)
     handler.setFormatter(absl_logging.PythonFormatter())
     logging.getLogger().addHandler(handler)
-    if not verbose:
-        absl_logging.get_absl_handler().addFilter(_quiet_console)
+    undo_filter = _add_console_filter(verbose)
     _ACTIVE = run
+
+    def undo() -> None:
+        global _ACTIVE, _PROGRESS_BARS
+        run.end_open_line()
+        undo_filter()
+        logging.getLogger().removeHandler(handler)
+        sys.stdout, sys.stderr = streams
+        file.close()
+        _ACTIVE, _PROGRESS_BARS = previous
+
+    return undo
+
+
+def _add_console_filter(verbose: bool) -> Callable[[], None]:
+    """Keeps absl's console handler to warnings and errors unless `verbose`; returns the undo."""
+    if verbose:
+        return lambda: None
+    handler = absl_logging.get_absl_handler()
+    handler.addFilter(_quiet_console)
+    return lambda: handler.removeFilter(_quiet_console)
+
+
+@contextlib.contextmanager
+def run_log(workdir: str, verbose: bool) -> Iterator[None]:
+    """`setup_run_log` for the duration of a block, undone after it (a command line's `main`
+    called by a test or a notebook leaves the process as it found it)."""
+    undo = setup_run_log(workdir, verbose)
+    try:
+        yield
+    except BaseException as e:
+        # The console gets the failure from whoever handles it, after the block; the log keeps
+        # it too, as it did when the run log lasted until the process ended.
+        if _ACTIVE is not None and not (isinstance(e, SystemExit) and not e.code):
+            _ACTIVE.file.write("".join(traceback.format_exception(e)))
+        raise
+    finally:
+        undo()
+
+
+@contextlib.contextmanager
+def quiet_console(verbose: bool) -> Iterator[None]:
+    """The console of a command that writes no log.txt: the program's lines, warnings and
+    errors; the libraries' INFO lines only when `verbose` (as `setup_run_log` has it)."""
+    undo = _add_console_filter(verbose)
+    try:
+        yield
+    finally:
+        undo()
 
 
 def progress_bars() -> bool:
