@@ -56,9 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
     lo.alpha = 1.0  # weight of the uncertainty loss L_unc (erm_nll: of its sigma = 0 form)
     lo.lambda_max = 1.0  # highlight strength after the ramp (ours_no_highlight: 0)
     lo.ramp_fraction = 0.1  # t_r as a fraction of num_train_steps
+    lo.onset_fraction = 0.0  # lambda = 0 before this fraction of num_train_steps, then the ramp
     # The variants of the highlighting of `ours` (and its ablation ours_no_highlight):
     # U from: entropy (of the sample mean) | sigma | mc_dropout (needs model.dropout_rate > 0)
+    # | boundary_oracle (a diagnostic, never a default: the entropy's mean weight on the GT band)
     lo.uncertainty_source = "entropy"
+    lo.oracle_band_px = 3  # k: the GT boundary band is the pixels within k network-input px
     lo.mc_passes = 3  # mc_dropout: extra dropout forward passes per step for U
     lo.highlight_terms = "ce"  # weighted by w: ce | ce+unc | ce+unc+dice
     lo.highlight_norm = "weighted_mean"  # weighted_mean: sum(wL)/sum(w) | mean: mean(wL)
@@ -68,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     lo.dice_eps = 1e-5  # smoothing of the soft Dice
     lo.focal_gamma = 2.0  # focal baseline
     lo.topk_fraction = 0.2  # topk baseline: hardest fraction of pixels per image
+    # Every N steps, log how strong the highlighting is (train/grad_share_top10u, ...); 0 = off.
+    lo.diagnostics_every_steps = 0
 
     # ---- optimisation -------------------------------------------------------------------------
     config.batch_size = 8  # global batch, over all devices and processes

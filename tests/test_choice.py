@@ -53,6 +53,12 @@ def test_choice_reads_only_its_targets_source_validation():
     again = choice.choose_per_target(shaken, "Domain1")
     assert again["chosen"] == out["chosen"] and again["candidates"] == out["candidates"]
     assert choice.choose_per_target(rows, "Domain2")["chosen"] is None
+    # The boundary oracle reads its training batch's ground truth: reported, never chosen,
+    # however good its source validation.
+    oracle = _row("Domain1", "ours__loss.uncertainty_source=boundary_oracle", 0.99, 1.0, 0.99)
+    with_oracle = choice.choose_per_target(rows + [oracle], "Domain1")
+    assert with_oracle["chosen"] == "ours"
+    assert oracle["variant"] not in [c["variant"] for c in with_oracle["candidates"]]
 
 
 def _fake_run(root, target, variant, seed, sv, target_score, sources=None):

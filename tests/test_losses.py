@@ -647,6 +647,11 @@ DEVICE_CASES = {
     "ours/all": ("ours", VARIANTS["all"]),
     "ours/sigma_ce+unc_top_q": ("ours", VARIANTS["sigma_ce+unc_top_q"]),
     "ours_no_highlight/all": ("ours_no_highlight", VARIANTS["all"]),
+    # The oracle's band means (global-batch) and a delayed onset, past it at step 3 of 4.
+    "ours/oracle_onset": (
+        "ours",
+        {"loss.uncertainty_source": "boundary_oracle", "loss.onset_fraction": 0.2},
+    ),
 }
 
 

@@ -37,6 +37,8 @@ INCIDENTAL_FIELDS = (
     "eval.batch_size",
     "eval.num_panels",
     "eval.save_predictions",
+    # Extra metrics from a separate compiled function; the train step is untouched (tested).
+    "loss.diagnostics_every_steps",
     "parallel.",
 )
 

@@ -20,12 +20,17 @@ import ml_collections
 import optax
 from jax.scipy.special import xlogy
 
-METHODS = ("erm", "erm_nll", "focal", "topk", "entropy", "ours", "ours_no_highlight")
-UNCERTAINTY_HEAD_METHODS = ("ours", "ours_no_highlight")
-# The config fields of the highlighted loss of `ours` (docs/method.md, "Variants").
-UNCERTAINTY_SOURCES = ("entropy", "sigma", "mc_dropout")
-HIGHLIGHT_TERMS = ("ce", "ce+unc", "ce+unc+dice")
-HIGHLIGHT_NORMS = ("weighted_mean", "mean")
+from puseg_jax.model import boundary_band
+from puseg_jax.model.loss_config import (  # noqa: F401 (re-exported: losses.METHODS etc.)
+    DIAGNOSTIC_SOURCES,
+    HIGHLIGHT_NORMS,
+    HIGHLIGHT_TERMS,
+    METHODS,
+    UNCERTAINTY_HEAD_METHODS,
+    UNCERTAINTY_SOURCES,
+    num_logvar_channels,
+    validate_loss_config,
+)
 
 
 def _gsum(x: jax.Array, axis_name: str | None, axis=None) -> jax.Array:
@@ -287,20 +292,29 @@ def weighted_pixel_mean(
     raise ValueError(f"Unknown loss.highlight_norm {norm!r}; expected one of {HIGHLIGHT_NORMS}")
 
 
-def highlight_lambda(step: jax.Array, lambda_max: float, ramp_steps: float) -> jax.Array:
+def highlight_lambda(
+    step: jax.Array, lambda_max: float, ramp_steps: float, onset_steps: float = 0.0
+) -> jax.Array:
     """lambda(t) = lambda_max * exp(-5 (1 - t / t_r)^2) for t < t_r, lambda_max after.
 
     The sigmoid-shaped ramp (of temporal ensembling and mean-teacher consistency weights) keeps
-    the highlighting weak while the early uncertainty maps are still noise.
+    the highlighting weak while the early uncertainty maps are still noise. A delayed onset t_o
+    holds lambda at 0 before it and starts the same ramp there: lambda(t) = 0 for t < t_o, then
+    the formula at t - t_o.
 
     Args:
       step: t, the global step (0-based).
       lambda_max: strength after the ramp.
       ramp_steps: t_r in steps; <= 0 disables the ramp.
+      onset_steps: t_o in steps; <= 0 (the default) is no delay, today's schedule exactly.
 
     Returns:
       Scalar float32 lambda(t).
     """
+    if onset_steps > 0:
+        t = jnp.asarray(step, jnp.float32)
+        after = highlight_lambda(t - onset_steps, lambda_max, ramp_steps)
+        return jnp.where(t < onset_steps, 0.0, after).astype(jnp.float32)
     t = jnp.asarray(step, jnp.float32)
     if ramp_steps <= 0:
         return jnp.asarray(lambda_max, jnp.float32)
@@ -308,65 +322,48 @@ def highlight_lambda(step: jax.Array, lambda_max: float, ramp_steps: float) -> j
     return jnp.where(t < ramp_steps, ramp, lambda_max).astype(jnp.float32)
 
 
-def num_logvar_channels(config: ml_collections.ConfigDict, num_outputs: int) -> int:
-    """Channels of the log-variance head for the configured method.
+def uncertainty_map(
+    config: ml_collections.ConfigDict,
+    outputs: dict[str, jax.Array],
+    rng: jax.Array,
+    label_mode: str,
+    example_ids: jax.Array,
+    z: jax.Array | None = None,
+) -> jax.Array:
+    """U of the method, [B, H, W] in [0, 1]: what the highlighting weights and diagnostics read.
+
+    The methods without a variance head (the `entropy` baseline, and for the diagnostics `erm`,
+    `focal`, `topk`, `erm_nll`) use the normalised entropy of softmax/sigmoid(mu). `ours` uses
+    `loss.uncertainty_source`; 'boundary_oracle' returns the sample entropy, the map whose mean
+    the oracle's weights match (`compute_loss` then moves that weight onto the band).
 
     Args:
-      config: uses `method` and `loss.logvar_head` ('per_class' or 'shared').
-      num_outputs: K.
+      config: uses `method` and `loss.uncertainty_source`, `loss.num_samples`.
+      outputs: 'logits', and 'log_var' / 'mc_probs' as `compute_loss` takes them.
+      rng: the step's sampling key (the one `compute_loss` gets).
+      label_mode: 'softmax' or 'sigmoid'.
+      example_ids: [B] indices of the examples in the global batch.
+      z: the logit samples when already drawn from `rng` (else drawn here, the same values).
 
     Returns:
-      K, 1, or 0 (no head: the methods without the uncertainty loss).
+      [B, H, W] uncertainty, with gradient (callers stop it).
     """
+    mu = outputs["logits"]
     if config.method not in UNCERTAINTY_HEAD_METHODS:
-        return 0
-    heads = {"per_class": num_outputs, "shared": 1}
-    if config.loss.logvar_head not in heads:
-        raise ValueError(
-            f"Unknown loss.logvar_head {config.loss.logvar_head!r}; expected one of {list(heads)}"
-        )
-    return heads[config.loss.logvar_head]
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; expected one of {choices}")
-
-
-def validate_loss_config(config: ml_collections.ConfigDict) -> None:
-    """Raises a clear ValueError for a mistake in `method` or the `loss.*` fields.
-
-    Every field is checked whatever the method, so that a typo in a suite-wide override fails
-    at once; what depends on the method (MC dropout needs dropout) only where the method uses it.
-
-    Args:
-      config: the experiment config (`method`, `loss.*`, `model.dropout_rate`).
-    """
+        return normalized_entropy(probabilities(mu, label_mode), label_mode)
     lc = config.loss
-    _check_choice("method", config.method, METHODS)
-    _check_choice("loss.uncertainty_source", lc.uncertainty_source, UNCERTAINTY_SOURCES)
-    _check_choice("loss.highlight_terms", lc.highlight_terms, HIGHLIGHT_TERMS)
-    _check_choice("loss.highlight_norm", lc.highlight_norm, HIGHLIGHT_NORMS)
-    if not 0.0 <= lc.highlight_top_q <= 1.0:
-        raise ValueError(
-            f"loss.highlight_top_q={lc.highlight_top_q} must be in [0, 1] "
-            "(0 = every pixel highlighted by its U; q = the q most uncertain pixels per image)"
-        )
-    if lc.lambda_max < 0:
-        raise ValueError(f"loss.lambda_max={lc.lambda_max} must be >= 0")
-    if lc.ramp_fraction < 0:
-        raise ValueError(f"loss.ramp_fraction={lc.ramp_fraction} must be >= 0")
-    if not isinstance(lc.mc_passes, int) or lc.mc_passes < 1:
-        raise ValueError(f"loss.mc_passes={lc.mc_passes!r} must be an integer >= 1")
-    if (
-        config.method in UNCERTAINTY_HEAD_METHODS
-        and lc.uncertainty_source == "mc_dropout"
-        and config.model.dropout_rate <= 0
-    ):
-        raise ValueError(
-            "loss.uncertainty_source='mc_dropout' needs model.dropout_rate > 0 "
-            f"(got {config.model.dropout_rate}): the MC passes differ only by their dropout masks"
-        )
+    if lc.uncertainty_source == "sigma":
+        return sigma_uncertainty(outputs["log_var"])
+    if lc.uncertainty_source == "mc_dropout":
+        if "mc_probs" not in outputs:
+            raise ValueError(
+                "loss.uncertainty_source='mc_dropout' needs outputs['mc_probs'], the "
+                "mean probabilities of the MC-dropout passes (train.train_step adds them)"
+            )
+        return normalized_entropy(outputs["mc_probs"], label_mode)
+    if z is None:
+        z = sample_logits(mu, outputs["log_var"], rng, lc.num_samples, example_ids)
+    return normalized_entropy(sample_mean_probs(z, label_mode), label_mode)
 
 
 def compute_loss(
@@ -419,27 +416,26 @@ def compute_loss(
     else:
         # The ablation is `ours` at lambda_max = 0, traced the same way: w == 1 exactly.
         lam_max = 0.0 if method == "ours_no_highlight" else lc.lambda_max
-        lam = highlight_lambda(step, lam_max, lc.ramp_fraction * config.num_train_steps)
+        lam = highlight_lambda(
+            step,
+            lam_max,
+            lc.ramp_fraction * config.num_train_steps,
+            lc.onset_fraction * config.num_train_steps,
+        )
         nll = None
         if method == "entropy":
             # The single-pass baseline keeps its own U and today's weighting of the CE only.
-            u = normalized_entropy(probabilities(mu, label_mode), label_mode)
+            u = uncertainty_map(config, outputs, rng, label_mode, example_ids)
             terms, norm, top_q = "ce", "weighted_mean", 0.0
         else:
-            log_var = outputs["log_var"]
-            z = sample_logits(mu, log_var, rng, lc.num_samples, example_ids)
+            z = sample_logits(mu, outputs["log_var"], rng, lc.num_samples, example_ids)
             nll = uncertainty_nll(z, targets, label_mode)
-            if lc.uncertainty_source == "sigma":
-                u = sigma_uncertainty(log_var)
-            elif lc.uncertainty_source == "mc_dropout":
-                if "mc_probs" not in outputs:
-                    raise ValueError(
-                        "loss.uncertainty_source='mc_dropout' needs outputs['mc_probs'], the "
-                        "mean probabilities of the MC-dropout passes (train.train_step adds them)"
-                    )
-                u = normalized_entropy(outputs["mc_probs"], label_mode)
-            else:
-                u = normalized_entropy(sample_mean_probs(z, label_mode), label_mode)
+            u = uncertainty_map(config, outputs, rng, label_mode, example_ids, z=z)
+            if lc.uncertainty_source == "boundary_oracle":
+                band = boundary_band.boundary_band(
+                    mask, label_mode, mu.shape[-1], lc.oracle_band_px
+                )
+                u = boundary_band.oracle_uncertainty(band, u, axis_name)
             terms, norm, top_q = lc.highlight_terms, lc.highlight_norm, lc.highlight_top_q
         u = jax.lax.stop_gradient(u)
         selected = top_q_selection(u, top_q) if top_q > 0 else jnp.ones_like(u)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from puseg_jax.model import losses
 from puseg_jax.runs.stats import _mean_std
 
 # Variants whose source-validation Dice is within this of the best are tied; the tie goes to
@@ -109,6 +110,14 @@ def source_val_rows(runs: Sequence[Mapping[str, Any]], target: str) -> list[dict
     return rows
 
 
+def is_diagnostic(variant: str) -> bool:
+    """Whether a variant uses a diagnostic uncertainty source (the boundary oracle reads the
+    ground truth of its training batch): such a run is reported, never a candidate default."""
+    return any(
+        f"loss.uncertainty_source={source}" in variant for source in losses.DIAGNOSTIC_SOURCES
+    )
+
+
 def choose_per_target(
     rows: Sequence[Mapping[str, Any]],
     target: str,
@@ -117,6 +126,8 @@ def choose_per_target(
 ) -> dict[str, Any]:
     """The default `ours` variant for `target`, from that target's runs and their source
     validation only.
+
+    Diagnostic variants (`is_diagnostic`: the boundary oracle) are never candidates.
 
     Rule (the one fixed before the screen, now within one target): the highest seed-mean
     source-validation Dice (pooled over the sources' cases, mean over structures); candidates
@@ -140,7 +151,7 @@ def choose_per_target(
     """
     cands, used, evals = [], [], set()
     for r in rows:
-        if r["target"] != target or r["method"] not in methods:
+        if r["target"] != target or r["method"] not in methods or is_diagnostic(r["variant"]):
             continue
         evals.update(tuple(e) for e in r.get("source_val_evals", ()))
         keys = ["source_val_dice"] + [f"source_val/{s}/hd95" for s in r["structures"]]

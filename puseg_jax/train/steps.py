@@ -131,18 +131,21 @@ def mc_dropout_mean_probs(
     return jax.lax.stop_gradient(jnp.mean(probs, axis=0))
 
 
-def train_step(
+def step_inputs(
     state: TrainState,
     batch: dict[str, jax.Array],
     rng: jax.Array,
     *,
     config: ml_collections.ConfigDict,
     label_mode: str,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimisation step on this device's share of the global batch.
+) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """The keys, example indices and extra loss inputs of the train step at `state.step`.
 
-    Non-finite loss or gradients leave the state unchanged (the host then raises or counts a
-    skip, per `config.nan_policy`).
+    Shared with `train.diagnostics`, which must see the step's own sampling noise and dropout.
+
+    Returns:
+      (noise key, dropout key, [B] global example indices, extra outputs: 'mc_probs' for
+      `loss.uncertainty_source='mc_dropout'`, else empty).
     """
     step_rng = jax.random.fold_in(rng, state.step)
     noise_rng, dropout_rng = jax.random.split(step_rng)
@@ -157,6 +160,25 @@ def train_step(
         extra_outputs["mc_probs"] = mc_dropout_mean_probs(
             state, batch["image"], mc_rng, lc.mc_passes, ids, label_mode
         )
+    return noise_rng, dropout_rng, ids, extra_outputs
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    label_mode: str,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step on this device's share of the global batch.
+
+    Non-finite loss or gradients leave the state unchanged (the host then raises or counts a
+    skip, per `config.nan_policy`).
+    """
+    noise_rng, dropout_rng, ids, extra_outputs = step_inputs(
+        state, batch, rng, config=config, label_mode=label_mode
+    )
 
     def loss_fn(params):
         outputs, new_vars = state.apply_fn(

@@ -23,7 +23,7 @@ from puseg_jax.core import logging_utils
 from puseg_jax.data import pipeline, prepare
 from puseg_jax.evaluators import domains, reports
 from puseg_jax.model import conv_ops
-from puseg_jax.train import checkpoints
+from puseg_jax.train import checkpoints, diagnostics
 from puseg_jax.train.config import _config_json, check_resume_config, resolve_evals, validate_config
 from puseg_jax.train.restore import restore_for_inference
 from puseg_jax.train.steps import create_model, create_train_state, eval_step, train_step
@@ -210,8 +210,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         strategy,
         compiler_options=options,
     )
+    # Highlighting diagnostics: their own compiled function, off the train step (diagnostics.py).
+    diag_every = config.loss.diagnostics_every_steps
+    p_diagnostics = diagnostics.wrap_diagnostics_step(
+        functools.partial(diagnostics.diagnostics_step, config=config, label_mode=info.label_mode),
+        mesh,
+        strategy,
+        compiler_options=options,
+    )
     state = parallel.replicate(host_state, mesh, strategy)
     del host_state
+
+    def diagnose(step: int, calls: int, host_batch: dict[str, np.ndarray]) -> float:
+        """Logs the diagnostics of train step `step + 1` when due; returns the seconds spent."""
+        if not diagnostics.due(step, calls, diag_every):
+            return 0.0
+        t0 = time.time()
+        batch = parallel.shard_batch(host_batch, mesh, strategy)
+        values = jax.device_get(p_diagnostics(state, batch, train_rng))
+        writer.scalars(step + 1, {f"train/{k}": v for k, v in values.items()})
+        return time.time() - t0
 
     def save(step: int) -> None:
         extra = {"data_state": train_iter.get_state(), "counters": counters}
@@ -259,14 +277,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 calls = 1
             if calls == 1:
                 batch = next(train_iter)
-                batch = parallel.shard_batch(
-                    {"image": batch["image"], "mask": batch["mask"]}, mesh, strategy
-                )
+                batch = {"image": batch["image"], "mask": batch["mask"]}
+                paused += diagnose(step, calls, batch)
+                batch = parallel.shard_batch(batch, mesh, strategy)
                 state, metrics = p_train_step(state, batch, train_rng)
                 pending.append((step + 1, metrics, None))
             else:
                 batches = [next(train_iter) for _ in range(calls)]
                 stacked = {k: np.stack([b[k] for b in batches]) for k in ("image", "mask")}
+                paused += diagnose(step, calls, {k: v[0] for k, v in stacked.items()})
                 batch = parallel.shard_batch(stacked, mesh, strategy, stacked=True)
                 state, metrics = p_train_steps(state, batch, train_rng)
                 pending.append((step + 1, metrics, calls))
@@ -275,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if first_call:
                 # The first call compiles: the rate (and ETA) counts from its end.
                 jax.block_until_ready(metrics)
-                t_last, step_last = time.time(), step
+                t_last, step_last, paused = time.time(), step, 0.0
 
             if step % config.log_every_steps == 0 or step == num_steps:
                 pending = _fetch(pending)
