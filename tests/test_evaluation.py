@@ -21,7 +21,7 @@ def _prostate_config(tfds_dir):
             "data.name": "synth_prostate",
             "data.source_domains": ("SiteA", "SiteB"),
             "data.target_domains": ("SiteC",),
-            "data.build_kwargs": PROSTATE_KWARGS,
+            "data.builder_config": PROSTATE_KWARGS,
         }
     )
 
@@ -608,7 +608,7 @@ def test_nifti_cases_are_scored_on_their_original_grid(shared_data, tmp_path):
         file_format="array_record",
     )
     config = make_config(
-        **{"data.name": "prostate", "data.build_kwargs": {}, "data.context_slices": 1}
+        **{"data.name": "prostate", "data.builder_config": {}, "data.context_slices": 1}
     )
     info = get_dataset_info("prostate")
     mesh = parallel.create_mesh(0)

@@ -1,6 +1,11 @@
 """Training and evaluation loop: `train_and_evaluate(config, workdir)`.
 
 Restore precedence: the workdir's own checkpoint > `config.init_from` > from scratch.
+
+The train/* scalars written every `log_every_steps` steps (metrics.jsonl, TensorBoard, the
+console's loss) are the means over the steps since the previous log line, aggregated on the host
+with `clu.metrics` (a Collection of Average metrics, as big_vision and the flax examples do): the
+compiled train step returns each step's metrics unchanged.
 """
 
 import functools
@@ -14,6 +19,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from clu import metrics as clu_metrics
+from clu import parameter_overview
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -86,6 +93,39 @@ def use_compile_cache(cache_dir: str) -> None:
     compilation_cache.reset_cache()
 
 
+@functools.cache
+def _train_metrics_class(names: tuple[str, ...]) -> type[clu_metrics.Collection]:
+    """The clu Collection averaging each of the train step's metrics `names`."""
+    return clu_metrics.Collection.create(
+        **{name: clu_metrics.Average.from_output(name) for name in names}
+    )
+
+
+def aggregate_train_metrics(
+    window: clu_metrics.Collection | None, fetched: list
+) -> clu_metrics.Collection | None:
+    """Adds the host metrics of some steps to the running means of a log window.
+
+    Steps whose loss or gradients were not finite (skipped by `nan_policy='skip'`, which leaves
+    the state unchanged) are masked out of the means: they are counted in train/skipped_steps.
+
+    Args:
+      window: the window's collection so far, or None for an empty window.
+      fetched: [(step, {name: host scalar})] as `_fetch` returns them, with the in-step
+        `finite_loss` / `finite_grads` flags.
+
+    Returns:
+      The window's collection (`.compute()` gives {name: mean}); `window` if `fetched` is empty.
+    """
+    if not fetched:
+        return window
+    names = tuple(sorted(k for k in fetched[0][1] if not k.startswith("finite")))
+    stacked = {k: np.stack([np.asarray(m[k]) for _, m in fetched]) for k in names}
+    applied = np.array([bool(m["finite_loss"]) and bool(m["finite_grads"]) for _, m in fetched])
+    update = _train_metrics_class(names).single_from_model_output(mask=applied, **stacked)
+    return update if window is None else window.merge(update)
+
+
 def _fetch(pending: list) -> list:
     """[(first step, device metrics, steps or None)] -> [(step, host metrics)], one per step."""
     out = []
@@ -98,9 +138,9 @@ def _fetch(pending: list) -> list:
     return out
 
 
-def _check_finite(pending: list, nan_policy: str, counters: dict) -> None:
+def _check_finite(fetched: list, nan_policy: str, counters: dict) -> None:
     """Host check of the in-step finiteness flags of the steps since the last check."""
-    for step, m in pending:
+    for step, m in fetched:
         fl, fg = bool(m["finite_loss"]), bool(m["finite_grads"])
         if fl and fg:
             continue
@@ -117,11 +157,14 @@ def _check_finite(pending: list, nan_policy: str, counters: dict) -> None:
             f"({counters['skipped_steps']} so far).",
             flush=True,
         )
-    pending.clear()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains on the source domains, then evaluates every evaluator in `config.evals`.
+
+    Every `config.log_every_steps` steps the train/* scalars (metrics.jsonl, TensorBoard) and
+    the console's loss are the means over the steps since the previous log line (steps skipped
+    as non-finite left out); log.txt starts with the model's parameter table.
 
     Args:
       config: experiment config (configs/default.py documents every field).
@@ -157,8 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             raise
     if is_chief:
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(_config_json(config), f, indent=2)
-        data_dir = prepare.prepare_all(config, info)
+            json.dump(cfg_json, f, indent=2)
+        prepare.prepare_all(config, info)
     parallel.sync("prepare")
     data_dir = prepare.resolve_data_dir(config)
 
@@ -166,6 +209,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rng = jax.random.key(config.seed)
     init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
     host_state = create_train_state(config, info, model, init_rng)
+    if is_chief:
+        # To log.txt (INFO): names, shapes, sizes, mean and std of the initial parameters.
+        parameter_overview.log_parameter_overview(
+            host_state.params, msg=f"[train] parameters of the {config.method} model:"
+        )
     writer = reports.make_writer(workdir)
     replicated = NamedSharding(mesh, P())
 
@@ -240,7 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- train loop ---------------------------------------------------------------------------
     num_steps = config.num_train_steps
     preemption = _Preemption()
-    pending: list = []
+    pending: list = []  # device metrics of the steps not fetched yet
+    window = None  # the log window's running means (clu), over the fetched steps
     t_start = t_last = time.time()
     step_last, paused = start_step, 0.0  # paused: evaluation and checkpoint seconds since t_last
     source_val = [n for n, e in evals.items() if e["role"] == "source_val"]
@@ -277,11 +326,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 t_last, step_last = time.time(), step
 
             if step % config.log_every_steps == 0 or step == num_steps:
-                pending = _fetch(pending)
-                last = pending[-1][1]
-                _check_finite(pending, config.nan_policy, counters)
+                fetched, pending = _fetch(pending), []
+                _check_finite(fetched, config.nan_policy, counters)
+                window = aggregate_train_metrics(window, fetched)
+                means = {k: float(v) for k, v in window.compute().items()}
+                window = None
                 now = time.time()
-                scalars = {f"train/{k}": v for k, v in last.items() if not k.startswith("finite")}
+                scalars = {f"train/{k}": v for k, v in means.items()}
                 scalars["train/skipped_steps"] = counters["skipped_steps"]
                 speed = ""
                 train_seconds = now - t_last - paused
@@ -294,16 +345,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.scalars(step, scalars)
                 logging_utils.progress(
                     f"[train] step {step}/{num_steps} ({100 * step // num_steps}%) "
-                    f"loss {float(last['loss']):.4f}, elapsed {_duration(now - t_start)}{speed}"
+                    f"loss {means['loss']:.4f}, elapsed {_duration(now - t_start)}{speed}"
                 )
 
             t_pause = time.time()
             # Every process takes the same decision at the same step (a collective when several).
             stop = parallel.any_across_processes(preemption.requested)
             if stop or step % config.checkpoint_every_steps == 0 or step == num_steps:
-                pending = _fetch(pending)
+                fetched, pending = _fetch(pending), []
                 # Before saving: a checkpoint is only written after finite steps.
-                _check_finite(pending, config.nan_policy, counters)
+                _check_finite(fetched, config.nan_policy, counters)
+                window = aggregate_train_metrics(window, fetched)
                 save(step)
             if stop:
                 print(f"[train] preempted: checkpoint at step {step} written, exiting.", flush=True)
