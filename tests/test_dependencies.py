@@ -66,8 +66,9 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import tensorflow_datasets as tfds
 import data_builders  # noqa: F401  (registers the builders)
+from puseg_jax.core.datasets import get_dataset_info
 try:
-    tfds.builder_cls("synthetic_fundus").code_path
+    tfds.builder_cls(get_dataset_info("synth_fundus").builder).code_path
 except ModuleNotFoundError as e:
     print("missing", e.name)
 else:

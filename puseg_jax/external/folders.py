@@ -189,7 +189,7 @@ def training_center_crop(config: ml_collections.ConfigDict) -> int | None:
     synthetic families (their images were never cropped)."""
     if config.data.name != "fundus":
         return None
-    kwargs = config.data.build_kwargs.to_dict() if config.data.build_kwargs else {}
+    kwargs = config.data.builder_config.to_dict() if config.data.builder_config else {}
     # `prepare.get_builder` reads None as "as the registered config": the registered crop.
     return kwargs.get("center_crop") or fundus.DEFAULT_CENTER_CROP
 
