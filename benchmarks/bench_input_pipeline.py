@@ -50,7 +50,7 @@ def make_config(setting: str, data_dir: str):
             what = "DoFE fundus ROIs stored 512x512 (Domain2-4 train)"
         else:
             config.data.name = "synth_fundus"
-            config.data.build_kwargs = {"num_train": 64, "num_test": 4, "size": 512}
+            config.data.builder_config = {"num_train": 64, "num_test": 4, "size": 512}
             config.evals = {}
             what = "synth_fundus stored 512x512 (real data not found)"
     else:

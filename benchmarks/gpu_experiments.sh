@@ -8,7 +8,7 @@
 #        [DEADLINE_S=N] bash benchmarks/gpu_experiments.sh DATA_DIR ROOT [TARGETS...]
 #   DATA_DIR: a TFDS dir holding the family's domains, already built (the host has no data):
 #             fundus built with store_size=128 (the runs pass
-#             --config.data.build_kwargs.store_size=128 so they open those variants; the pixels
+#             --config.data.builder_config.store_size=128 so they open those variants; the pixels
 #             the network sees are the same as from the 512x512 release, and the masks keep the
 #             released grid for native scoring, see docs/data.md);
 #             prostate: the ProstateSlice sites as the prostate config builds them.
@@ -27,7 +27,7 @@ data_dir=$1
 root=$2
 shift 2
 case $family in
-  fundus) default_targets="Domain1 Domain3"; family_args=(--config.data.build_kwargs.store_size=128) ;;
+  fundus) default_targets="Domain1 Domain3"; family_args=(--config.data.builder_config.store_size=128) ;;
   prostate) default_targets="RUNMC BMC I2CVB UCL BIDMC HK"; family_args=() ;;
   *) echo "unknown FAMILY $family"; exit 2 ;;
 esac

@@ -14,12 +14,15 @@ def get_config() -> ml_collections.ConfigDict:
     d.name = "synth_fundus"  # dataset family (puseg_jax/core/datasets.py)
     d.data_dir = ""  # TFDS data dir; '' = $PUSEG_DATA_DIR or <repo>/tfds_data
     d.manual_dir = ""  # the downloaded release (real datasets only)
-    d.build_kwargs = ml_collections.ConfigDict()  # extra BuilderConfig fields when preparing
-    # Arguments of the builder itself, e.g. {'skip_unpaired': True} for a release with images
-    # lacking masks (ProstateSlice I2CVB); they change how a build treats defective input only.
-    d.builder_kwargs = ml_collections.ConfigDict()
+    # Fields of the domain's TFDS BuilderConfig that differ from the registered one (e.g.
+    # fundus store_size, synthetic num_train); a variant is built into its own folder.
+    d.builder_config = ml_collections.ConfigDict()
+    # Arguments of the builder's constructor, e.g. {'skip_unpaired': True} for a release with
+    # images lacking masks (ProstateSlice I2CVB); they change how a build treats defective input.
+    d.builder_options = ml_collections.ConfigDict()
     d.source_domains = ("Domain2", "Domain3", "Domain4")  # trained on
     d.target_domains = ("Domain1",)  # held out; evaluated at the end only
+    d.extra_domains = ()  # domains of your own (a new site's BuilderConfig) besides the family's
     d.train_split = "train"  # split of the source domains used for training
     d.val_split = "test"  # split of the source domains used for validation/selection
     d.target_split = "test"  # split of the target domains reported

@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.name = "fundus"
     d.manual_dir = ""  # pass --config.data.manual_dir=<folder with Domain1..Domain4>
     # Store images resized to this size (None: as released); see FundusConfig.store_size.
-    d.build_kwargs = ml_collections.ConfigDict(
+    d.builder_config = ml_collections.ConfigDict(
         {"store_size": ml_collections.FieldReference(None, field_type=int)}
     )
     d.source_domains = sources

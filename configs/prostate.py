@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d.target_split = "test"
     # Builder arguments used when a site is prepared: the ProstateSlice I2CVB/train folder has an
     # image without a mask and a mask without an image, which are left out (with a warning).
-    d.builder_kwargs = ml_collections.ConfigDict({"skip_unpaired": True})
+    d.builder_options = ml_collections.ConfigDict({"skip_unpaired": True})
     # config.evals stays empty: derived from the domains and splits (see configs/fundus.py).
 
     config.optim.learning_rate = 1e-3

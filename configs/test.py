@@ -9,7 +9,7 @@ def get_config():
     config.data.source_domains = ("Domain1", "Domain2")
     config.data.target_domains = ("Domain3",)
     config.data.image_size = 32
-    config.data.build_kwargs = {"num_train": 8, "num_test": 4, "size": 48}
+    config.data.builder_config = {"num_train": 8, "num_test": 4, "size": 48}
     config.model.widths = (4, 8, 16)
     config.batch_size = 8
     config.num_train_steps = 4

@@ -153,6 +153,11 @@ def test_main_prints_only_its_own_lines_and_logs_everything(tfds_dir, tmp_path_f
     log = (workdir / "log.txt").read_text()
     assert sum(bool(ABSL_LINE.match(line)) for line in log.splitlines()) > 10
     assert "[eval] step 12 Domain1 (source_val" in log
+    # clu's parameter table: in log.txt only, once, with the model's total.
+    assert log.count("[train] parameters of the ours model:") == 1
+    assert re.search(r"^\| \S+/kernel +\| +\(3, 3, 3, \d+\) +\|", log, re.MULTILINE)
+    assert re.search(r"^Total: [\d,]+ -- [\d,]+ bytes$", log, re.MULTILINE)
+    assert not [line for line in console if "parameters of the" in line]
     for line in console:
         assert line in log  # the console's lines too, in the same words
 

@@ -96,6 +96,7 @@ def test_conv3x3_params_identical_between_impls():
     expected = {"params": {"Conv_0": {"kernel": (3, 3, 3, 4)}}}
     for tree in trees.values():
         assert jax.tree.map(jnp.shape, tree) == expected
+        # Exact: the same initializer call (key, shape) in every impl; no kernel arithmetic.
         for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(trees["xla"]), strict=True):
             np.testing.assert_array_equal(a, b)
 
@@ -108,6 +109,7 @@ def test_conv_transpose_is_nn_conv_transpose(impl, small_chunks):
     variables = ref.init(jax.random.key(5), x)
     mine = mod.init(jax.random.key(5), x)
     assert jax.tree.structure(mine) == jax.tree.structure(variables)
+    # Exact: the same initializers on the same keys and shapes (the outputs below: a tolerance).
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(a, b)
     # A non-zero bias, so that its gradient path is exercised too.
@@ -128,7 +130,9 @@ def test_conv_transpose_is_nn_conv_transpose(impl, small_chunks):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_max_pool_fast_is_nn_max_pool_with_ties(dtype):
     """Same values and bit-identical gradient, ties included: a ReLU output is mostly zeros,
-    so whole windows tie, and the gradient must go to the first maximum as in XLA."""
+    so whole windows tie, and the gradient must go to the first maximum as in XLA. Exact across
+    the two kernels on any CPU: a maximum selects an input and the gradient of non-overlapping
+    windows places a cotangent, neither rounds."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(np.maximum(rng.integers(-2, 3, (2, 6, 8, 5)), 0), dtype)
     weights = jnp.asarray(rng.standard_normal((2, 3, 4, 5)), dtype)

@@ -24,7 +24,7 @@ def _prostate_config(tfds_dir):
             "data.name": "synth_prostate",
             "data.source_domains": ("SiteA", "SiteB"),
             "data.target_domains": ("SiteC",),
-            "data.build_kwargs": PROSTATE_KWARGS,
+            "data.builder_config": PROSTATE_KWARGS,
         }
     )
 
@@ -402,12 +402,19 @@ def test_uncertainty_quality_native_equals_network_on_one_grid():
 def test_model_selection_refuses_target_domains():
     from puseg_jax.evaluators import reports
 
-    def result(role, dice):
-        return {"role": role, "structures": {"OD": {"dice": {"mean": dice}}}}
+    def result(role, *dice):
+        structures = {s: {"dice": {"mean": d}} for s, d in zip(("OD", "OC"), dice, strict=False)}
+        return {"role": role, "structures": structures}
 
-    assert reports.mean_dice({"D1": result("source_val", 0.5), "D2": result("source_val", 0.7)})
-    with pytest.raises(ValueError, match="source_val"):
+    # The mean over evaluators and structures: (0.5 + 0.25 + 0.75 + 0.9) / 4.
+    score = reports.mean_dice(
+        {"D1": result("source_val", 0.5, 0.25), "D2": result("source_val", 0.75, 0.9)}
+    )
+    assert score == pytest.approx(0.6)
+    with pytest.raises(ValueError, match=r"source_val' evaluators only, not \['D3'\]"):
         reports.mean_dice({"D1": result("source_val", 0.5), "D3": result("target", 0.9)})
+    with pytest.raises(ValueError, match="No source-validation results"):
+        reports.mean_dice({})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,7 +679,7 @@ def test_nifti_cases_are_scored_on_their_original_grid(shared_data, tmp_path):
         file_format="array_record",
     )
     config = make_config(
-        **{"data.name": "prostate", "data.build_kwargs": {}, "data.context_slices": 1}
+        **{"data.name": "prostate", "data.builder_config": {}, "data.context_slices": 1}
     )
     info = get_dataset_info("prostate")
     mesh = parallel.create_mesh(0)

@@ -357,7 +357,7 @@ def test_target_domain_as_a_folder_scores_as_the_target(tiny_workdir, tfds_dir, 
     config = test_config(**{"data.data_dir": tfds_dir})
     info = get_dataset_info(config.data.name)
     source = sources.load_source(
-        info, "Domain3", "test", tfds_dir, config.data.build_kwargs.to_dict()
+        info, "Domain3", "test", tfds_dir, config.data.builder_config.to_dict()
     )
     folder = tmp_path / "user" / "exported"
     value = np.zeros(256, np.uint8)

@@ -26,7 +26,7 @@ def _prostate(tfds_dir, **overrides):
             "data.name": "synth_prostate",
             "data.source_domains": ("SiteA", "SiteB"),
             "data.target_domains": ("SiteC",),
-            "data.build_kwargs": PROSTATE_KWARGS,
+            "data.builder_config": PROSTATE_KWARGS,
             **overrides,
         },
     )

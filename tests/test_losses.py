@@ -232,11 +232,13 @@ def test_sample_logits_distribution_and_device_layout():
     eps = (z - mu) / np.exp(log_var / 2)
     # 768 draws: the mean's standard error is 0.036, the standard deviation's 0.026.
     assert abs(eps.mean()) < 0.15 and abs(eps.std() - 1) < 0.1
-    # Each example's noise depends only on its global index: any split of the batch agrees.
+    # Each example's noise depends only on its global index: any split of the batch agrees (to
+    # float rounding: another batch size is another compiled program; other noise is O(1) off).
     half = losses.sample_logits(
         jnp.asarray(mu[4:]), jnp.asarray(log_var[4:]), rng, 3, jnp.arange(4, 8)
     )
-    np.testing.assert_array_equal(np.asarray(half), z[:, 4:])
+    np.testing.assert_allclose(np.asarray(half), z[:, 4:], rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(half) - z[:, :4]).max() > 0.1
     # A shared (1-channel) log-variance broadcasts over the classes, noise still per class.
     shared = losses.sample_logits(jnp.asarray(mu), jnp.asarray(log_var[..., :1]), rng, 3, ids)
     eps_shared = (np.asarray(shared) - mu) / np.exp(log_var[..., :1] / 2)

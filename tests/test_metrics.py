@@ -202,10 +202,14 @@ def test_summarize_cases_counts_empty_masks():
 # ---------------------------------------------------------------------------------------------
 
 
+def _calibration(confidence, correct, n_bins=15):
+    return metrics.calibration_from_sums(metrics.calibration_sums(confidence, correct, n_bins))
+
+
 def test_calibration_by_hand():
     confidence = np.array([0.95, 0.95, 0.85, 0.5, 0.5, 0.6])
     correct = np.array([1, 1, 0, 1, 0, 1], dtype=bool)
-    result = metrics.calibration(confidence, correct, n_bins=5)
+    result = _calibration(confidence, correct, n_bins=5)
     np.testing.assert_allclose(result["bin_edges"], [0, 0.2, 0.4, 0.6, 0.8, 1.0])
     # Bins are closed on the right: 0.6 lands in (0.4, 0.6] with the two 0.5s.
     np.testing.assert_array_equal(result["bin_counts"], [0, 0, 3, 0, 3])
@@ -216,11 +220,25 @@ def test_calibration_by_hand():
     assert result["ece"] == pytest.approx((0.4 / 3 + 0.75 / 3) / 2)
 
 
+def test_calibration_sums_of_parts_give_the_calibration_of_the_union():
+    rng = np.random.default_rng(3)
+    confidence, correct = rng.random(500), rng.random(500) < 0.7
+    parts = [
+        metrics.calibration_sums(confidence[s], correct[s], 10)
+        for s in np.split(np.arange(500), [120, 380])
+    ]
+    added = {k: sum(p[k] for p in parts) for k in parts[0]}
+    whole = _calibration(confidence, correct, 10)
+    got = metrics.calibration_from_sums(added)
+    np.testing.assert_array_equal(got["bin_counts"], whole["bin_counts"])
+    assert got["ece"] == pytest.approx(whole["ece"], rel=1e-12)
+
+
 def test_calibration_perfect_and_invalid():
     confidence = np.array([1.0, 1.0, 0.0])
-    assert metrics.calibration(confidence, [1, 1, 0])["ece"] == 0.0
+    assert _calibration(confidence, [1, 1, 0])["ece"] == 0.0
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        metrics.calibration([1.2], [1])
+        _calibration([1.2], [1])
 
 
 @pytest.mark.parametrize("n_bins", [7, 10, 15])
@@ -231,7 +249,7 @@ def test_calibration_bins_are_right_closed_at_float_edges(n_bins):
     values = np.concatenate([edges, np.nextafter(edges, 2.0), np.nextafter(edges, -1.0)])
     values = np.clip(np.concatenate([values, np.random.default_rng(1).random(1000)]), 0.0, 1.0)
     expected = np.bincount(np.searchsorted(edges[1:-1], values), minlength=n_bins)
-    result = metrics.calibration(values, np.ones(values.size, dtype=bool), n_bins=n_bins)
+    result = _calibration(values, np.ones(values.size, dtype=bool), n_bins=n_bins)
     np.testing.assert_array_equal(result["bin_counts"], expected)
 
 
@@ -301,15 +319,3 @@ def test_boundary_band_is_per_slice():
     band = metrics.boundary_band(volume, width=1)
     np.testing.assert_array_equal(band[0], metrics.boundary_band(volume[0], width=1))
     assert not band[1].any() and not band[2].any()
-
-
-def test_boundary_uncertainty_ratio():
-    gt = np.zeros((7, 7), dtype=bool)
-    gt[2:5, 2:5] = True
-    band = metrics.boundary_band(gt, width=1)
-    u = np.where(band, 0.8, 0.2)
-    mean_band, mean_rest, ratio = metrics.boundary_uncertainty_ratio(u, gt, width=1)
-    assert (mean_band, mean_rest) == pytest.approx((0.8, 0.2))
-    assert ratio == pytest.approx(4.0)
-    nan_band, _, nan_ratio = metrics.boundary_uncertainty_ratio(u, np.zeros_like(gt))
-    assert math.isnan(nan_band) and math.isnan(nan_ratio)

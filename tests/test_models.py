@@ -7,8 +7,6 @@ import pytest
 
 from puseg_jax.model import unet
 
-DEFAULT_WIDTHS = (32, 64, 128, 256, 512)
-FUNDUS_CPU_WIDTHS = (16, 32, 64, 128, 256)
 TEST_WIDTHS = (4, 8, 16)
 
 
@@ -44,24 +42,40 @@ def _count_by_hand(widths, in_channels, num_classes, logvar_channels) -> int:
 
 
 @pytest.mark.parametrize(
-    "widths, logvar, params, stats",
+    "config_name, arg, method, params, stats",
     [
-        (DEFAULT_WIDTHS, 2, 7_763_140, 5_888),
-        (DEFAULT_WIDTHS, 1, 7_763_107, 5_888),
-        (DEFAULT_WIDTHS, 0, 7_763_074, 5_888),
-        (FUNDUS_CPU_WIDTHS, 2, 1_942_628, 2_944),
-        (TEST_WIDTHS, 2, 7_564, 160),
+        ("fundus", "Domain1", None, 7_763_140, 5_888),
+        ("fundus", "Domain1", "erm", 7_763_074, 5_888),  # no log-variance head
+        ("fundus", "Domain1,cpu", None, 1_942_628, 2_944),
+        ("prostate", "BIDMC", None, 7_763_140, 5_888),  # 2.5-D: 3 slices as channels
+        ("prostate", "BIDMC,cpu", None, 1_942_628, 2_944),
+        ("demo", None, None, 486_580, 1_472),
+        ("test", None, None, 7_564, 160),
     ],
 )
-def test_parameter_count_is_pinned(widths, logvar, params, stats):
-    # 3 input channels (RGB fundus, or 2.5-D prostate: 3 slices), K = 2 logits.
-    model = unet.UNet(num_classes=2, widths=widths, logvar_channels=logvar)
-    variables, _ = _shapes(model)
+def test_parameter_count_is_pinned(config_name, arg, method, params, stats):
+    # The models the configs build (as the trainer does): a change of architecture, width,
+    # head or input channels of a shipped config changes a pinned number.
+    import importlib
+
+    from puseg_jax.core.datasets import get_dataset_info
+    from puseg_jax.model import losses
+    from puseg_jax.train import steps
+
+    module = importlib.import_module(f"configs.{config_name}")
+    config = module.get_config(arg) if arg else module.get_config()
+    if method:
+        config.method = method
+    info = get_dataset_info(config.data.name)
+    channels = steps.input_channels(config, info)
+    model = steps.create_model(config, info)
+    variables, _ = _shapes(model, size=32, channels=channels)
     assert _count(variables["params"]) == params
-    assert _count(variables["params"]) == _count_by_hand(widths, 3, 2, logvar)
+    # The same number from the architecture's description (docs/method.md).
+    widths, logvar = tuple(config.model.widths), losses.num_logvar_channels(config, 2)
+    assert params == _count_by_hand(widths, channels, info.num_outputs, logvar)
     # BatchNorm running mean and variance: 2 per channel of every conv, encoder and decoder.
-    assert _count(variables["batch_stats"]) == stats
-    assert stats == 4 * (sum(widths) + sum(widths[:-1]))
+    assert _count(variables["batch_stats"]) == stats == 4 * (sum(widths) + sum(widths[:-1]))
 
 
 @pytest.mark.parametrize("logvar", [0, 1, 2])
@@ -130,22 +144,52 @@ def test_dropout_is_deterministic_at_evaluation_and_random_for_mc_dropout():
     np.testing.assert_array_equal(c, apply(variables, x, jax.random.key(1), True)["logits"])
 
 
-def test_example_dropout_masks_follow_the_global_example_index():
+def test_example_dropout_masks_follow_the_global_example_index(monkeypatch):
     """With `example_ids` an example's dropout masks depend on its index and the key only, so a
     device holding examples 4..7 draws what one device holding 0..7 draws for them."""
     model = unet.UNet(num_classes=2, widths=TEST_WIDTHS, dropout_rate=0.5)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 16, 16, 3)), jnp.float32)
     variables = _params_numpy(model, x)
-    apply = jax.jit(
-        lambda v, x, ids: model.apply(
-            v, x, train=False, mc_dropout=True, rngs={"dropout": jax.random.key(3)}, example_ids=ids
+
+    def run(x, ids):
+        return model.apply(
+            variables,
+            x,
+            train=False,
+            mc_dropout=True,
+            rngs={"dropout": jax.random.key(3)},
+            example_ids=ids,
         )["logits"]
-    )
-    full = apply(variables, x, jnp.arange(8))
-    np.testing.assert_array_equal(apply(variables, x[4:], jnp.arange(4, 8)), full[4:])
+
+    # The masks themselves, layer by layer (eagerly, so they can be recorded): the real
+    # function applied to ones keeps exactly the activations the mask keeps.
+    masks = []
+    real = unet.example_dropout
+
+    def recording(x, rate, rng, ids):
+        masks.append(np.asarray(real(jnp.ones_like(x), rate, rng, ids)) > 0)
+        return real(x, rate, rng, ids)
+
+    monkeypatch.setattr(unet, "example_dropout", recording)
+    run(x, jnp.arange(8))
+    full_masks, masks = masks, []
+    run(x[4:], jnp.arange(4, 8))
+    assert len(masks) == len(full_masks) == len(TEST_WIDTHS) - 1  # one per decoder block
+    for part, full_mask in zip(masks, full_masks, strict=True):
+        np.testing.assert_array_equal(part, full_mask[4:])
+        assert 0.3 < part.mean() < 0.7  # rate 0.5: neither all kept nor all dropped
+    monkeypatch.undo()
+
+    # The logits then agree up to float rounding: XLA may sum in another order for another
+    # batch size (2.4e-7 apart on an AVX2 CPU). Another mask moves them by far more than that.
+    apply = jax.jit(run)
+    full = np.asarray(apply(x, jnp.arange(8)))
+    np.testing.assert_allclose(np.asarray(apply(x[4:], jnp.arange(4, 8))), full[4:], atol=1e-5)
+    shifted = np.asarray(apply(x[4:], jnp.arange(4)))
+    assert np.abs(shifted - full[4:]).max() > 1e-2
     # Masks do differ between examples (same input, different index) and from no dropout.
     same = jnp.repeat(x[:1], 8, 0)
-    out = np.asarray(apply(variables, same, jnp.arange(8)))
+    out = np.asarray(apply(same, jnp.arange(8)))
     assert not np.allclose(out[0], out[1])
     m = unet.example_dropout(jnp.ones((2, 64, 64, 4)), 0.25, jax.random.key(0), jnp.arange(2))
     kept = np.asarray(m) > 0

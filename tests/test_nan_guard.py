@@ -73,5 +73,7 @@ def test_nan_policy_skip_counts_the_step_and_finishes(tmp_path, tfds_dir, jax_ca
     assert summary["skipped_steps"] == 1
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [x["train/skipped_steps"] for x in lines if "train/skipped_steps" in x][-1] == 1
+    # The skipped step is left out of its log window's means (steps 1-8), not averaged in.
+    assert all(np.isfinite(x["train/loss"]) for x in lines if "train/loss" in x)
     step, state = checkpoints.load_state(workdir)
     assert step == RUN_STEPS and _all_finite(state)

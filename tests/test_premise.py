@@ -37,7 +37,7 @@ def test_uncertainty_highlights_boundaries_and_errors(tmp_path, tfds_dir):
         **{
             "data.data_dir": tfds_dir,
             "data.image_size": 64,
-            "data.build_kwargs": {"num_train": 16, "num_test": 8, "size": 64},
+            "data.builder_config": {"num_train": 16, "num_test": 8, "size": 64},
             "model.widths": (8, 16, 32),
             "optim.learning_rate": 1e-2,
             "loss.num_samples": 10,

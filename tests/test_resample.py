@@ -25,11 +25,11 @@ def test_matches_pil_bilinear_upsampling():
     np.testing.assert_allclose(got, want, atol=2e-6)
 
 
-def test_weights_are_a_partition_of_unity_and_identity_at_same_size():
-    w = resample.linear_weights(5, 17)
-    np.testing.assert_allclose(w.sum(axis=1), 1.0)
-    np.testing.assert_array_equal(resample.linear_weights(6, 6), np.eye(6))
+def test_constant_stays_constant_identity_at_same_size_and_invalid_sizes():
+    # Each output is a convex combination of two inputs: constants are preserved exactly.
+    ones = np.full((5, 3), 0.25, np.float32)
+    np.testing.assert_array_equal(resample.resize_bilinear(ones, (17, 11)), 0.25)
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     np.testing.assert_array_equal(resample.resize_bilinear(x, (3, 4)), x)
     with pytest.raises(ValueError):
-        resample.linear_weights(0, 4)
+        resample.resize_bilinear(x, (0, 4))

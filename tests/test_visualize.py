@@ -214,28 +214,39 @@ def test_case_arrays_restack_volumes_and_pick_the_largest_slice(volume_workdir):
     assert dice == pytest.approx(per_case[case_id]["prostate"]["dice"], abs=1e-6)
 
 
-def test_evaluation_panels_carry_the_run_and_the_case_dice(volume_workdir):
-    # The written PNG is the drawn panel: titled, at least 256-px tiles (24-px images here).
+def test_evaluation_panels_carry_the_run_and_the_case_dice(tmp_path, monkeypatch):
+    # Evaluation's panels are drawn with the run's header and each case's scored Dice, and the
+    # PNG written is the drawn panel: the drawing is recorded while a volume workdir is written.
+    import re
+
     from puseg_jax.drawing import panels
     from puseg_jax.runs import workdir as runs_workdir
 
-    wd = runs_workdir.open_workdir(volume_workdir)
-    per_case = runs_workdir.load_per_case(wd, "SiteC")
-    files = sorted(glob.glob(os.path.join(volume_workdir, "eval", "SiteC", "panel_*.png")))
-    assert len(files) == 2
-    png = np.asarray(Image.open(files[0]))
-    assert png.shape[1] >= 5 * panels.MIN_TILE_PX and png.shape[0] > panels.MIN_TILE_PX + 80
-    case_id = os.path.basename(files[0]).split("_", 2)[2][: -len(".png")]
-    # The same drawing from the saved predictions, with the header evaluation gave it.
-    from puseg_jax.evaluators import case_panels, scoring
+    drawn = []
+    real_draw = panels.draw_panel
 
-    pred = runs_workdir.load_predictions(wd, "SiteC")
-    idx = dict(scoring.group_cases(pred, True))[case_id]
-    dice = {s: m["dice"] for s, m in per_case[case_id].items()}
-    title = case_panels.panel_title("ours", "SiteC", "target", 7)
-    again = case_panels.draw_case(pred, case_id, idx, dice, wd.info, wd.config, title)
-    assert again.shape == png.shape[:2] + (3,)
-    assert np.mean(np.abs(again.astype(int) - png[..., :3].astype(int)) > 2) < 0.01
+    def recording_draw(image, gt, pred, uncertainty, structures, title, subtitle=""):
+        out = real_draw(image, gt, pred, uncertainty, structures, title, subtitle)
+        drawn.append((title, subtitle, gt, pred, out))
+        return out
+
+    monkeypatch.setattr(panels, "draw_panel", recording_draw)
+    workdir = make_volume_workdir(str(tmp_path / "run"))
+    monkeypatch.undo()
+
+    wd = runs_workdir.open_workdir(workdir)
+    files = sorted(glob.glob(os.path.join(workdir, "eval", VOLUME_TARGET, "panel_*.png")))
+    assert len(files) == 2  # eval.num_panels
+    target = [d for d in drawn if d[0] == f"ours · {VOLUME_TARGET} (target) · step 7"]
+    assert len(target) == 2 and len(drawn) == 2 * 3  # two panels for each of the 3 evaluators
+    per_case = runs_workdir.load_per_case(wd, VOLUME_TARGET)  # read back from per_case.csv
+    for path, (_, subtitle, gt, pred, out) in zip(files, target, strict=True):
+        case_id = os.path.basename(path).split("_", 2)[2][: -len(".png")]
+        dice = panels.dice_text({s: m["dice"] for s, m in per_case[case_id].items()})
+        assert re.fullmatch(rf"case {case_id}, slice [1-4] of 6 · Dice {dice}", subtitle)
+        assert gt.any() and gt.shape == pred.shape == (1, 24, 24)  # a slice with the gland
+        np.testing.assert_array_equal(np.asarray(Image.open(path))[..., :3], out)
+    assert out.shape[1] >= 5 * panels.MIN_TILE_PX and out.shape[0] > panels.MIN_TILE_PX + 80
 
 
 def test_select_cases_orders(volume_workdir):
@@ -291,7 +302,16 @@ def test_figures_of_a_volume_workdir(volume_workdir):
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend[1] == "elsewhere: mean 0.100" and float(legend[0].split()[-1]) > 0.2
     assert len(workdir_figures.reliability_figure(wd).axes[0].lines) == 1 + 3
-    workdir_figures.dice_vs_uncertainty_figure(wd, {wd.path: preds})
+    fig = workdir_figures.dice_vs_uncertainty_figure(wd, {wd.path: preds})
+    # One panel per structure, one point per case of each of the 3 evaluators, at (the case's
+    # mean uncertainty, its Dice).
+    ax = fig.axes[0]
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert len(ax.collections) == 3 and points.shape == (3 * 3, 2)
+    u = runs_workdir.case_uncertainty(preds["SiteC"], wd.info)
+    expected = [(u[c], per_case[c]["prostate"]["dice"]) for c in per_case]
+    target = ax.collections[wd.eval_names.index("SiteC")]
+    np.testing.assert_allclose(np.asarray(target.get_offsets()), expected, rtol=1e-6)
     table = runs_workdir.uncertainty_table(wd)
     assert table.count("\n") == 2 + 3 - 1 and "| SiteC | target |" in table
 

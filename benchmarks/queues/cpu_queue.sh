@@ -6,7 +6,9 @@
 #   nohup setsid bash benchmarks/queues/cpu_queue.sh QUEUE_FILE ROOT [CODE_DIR] >ROOT/queue.log 2>&1 &
 #
 # QUEUE_FILE: one run a line, `NAME ARGS...`, where ARGS go to `python -m puseg_jax.main`
-# (config, method, seed, overrides; no --workdir): the run's workdir is ROOT/NAME. Lines starting
+# (config, method, seed, overrides; no --workdir): the run's workdir is ROOT/NAME. A line
+# `experiments ARGS...` runs `python -m puseg_jax.experiments ARGS --root=ROOT` instead (its
+# suite layout, run.json and wall_time.json; it skips its finished runs itself). Lines starting
 # with '#' are comments. CODE_DIR (default: this checkout) is the tree whose code runs: a git
 # worktree pinned at one commit lets a queue run while the checkout itself changes.
 # PUSEG_DATA_DIR (TFDS data) is shared between runs; `nice -n 19` keeps the machine usable.
@@ -19,6 +21,14 @@ mkdir -p "$root"
 commit=$(git -C "$code" rev-parse HEAD 2>/dev/null || echo unknown)
 echo "[queue] $(date -Is) queue $queue, root $root, code $code at $commit"
 grep -v '^\s*#' "$queue" | grep -v '^\s*$' | while read -r name args; do
+  if [ "$name" = experiments ]; then
+    echo "[queue] $(date -Is) experiments $args"
+    # shellcheck disable=SC2086
+    (cd "$code" && nice -n 19 "$py" -m puseg_jax.experiments $args --root="$root" \
+      >>"$root/experiments_stdout.txt" 2>&1)
+    echo "[queue] $(date -Is) experiments: rc $?"
+    continue
+  fi
   workdir="$root/$name"
   if [ -f "$workdir/summary.json" ]; then
     echo "[queue] done already: $name"

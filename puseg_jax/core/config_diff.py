@@ -12,6 +12,7 @@ against single steps without it (tests/test_levers.py, 1e-5), evaluation batches
 without changing any prediction, and the data folders are addresses of the same bytes.
 """
 
+import copy
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +33,7 @@ INCIDENTAL_FIELDS = (
     "data.manual_dir",
     # Stores images pre-resized with the input pipeline's own resampling (identical network
     # input, tested) while the masks keep the released grid for native scoring.
-    "data.build_kwargs.store_size",
+    "data.builder_config.store_size",
     "data.num_workers",
     "eval.batch_size",
     "eval.num_panels",
@@ -41,6 +42,13 @@ INCIDENTAL_FIELDS = (
     "loss.diagnostics_every_steps",
     "parallel.",
 )
+
+# Old dotted name -> current name, for configs saved before a rename (`with_defaults`).
+RENAMED_FIELDS = {
+    # The BuilderConfig's fields and the builder's constructor arguments were two letters apart.
+    "data.build_kwargs": "data.builder_config",
+    "data.builder_kwargs": "data.builder_options",
+}
 
 
 def is_incidental(key: str) -> bool:
@@ -108,15 +116,47 @@ def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, A
     return out
 
 
+def rename_old_fields(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config (JSON) with the fields of `RENAMED_FIELDS` under their current names.
+
+    Args:
+      saved: a config as JSON, possibly written before a field was renamed.
+
+    Returns:
+      A copy, each old field moved to its new name (a new name already present is kept and the
+      old one dropped).
+    """
+    out = copy.deepcopy(dict(saved))
+    for old, new in RENAMED_FIELDS.items():
+        *old_parents, old_leaf = old.split(".")
+        *new_parents, new_leaf = new.split(".")
+        parent = out
+        for key in old_parents:
+            parent = parent.get(key) if isinstance(parent, Mapping) else None
+        if not isinstance(parent, dict) or old_leaf not in parent:
+            continue
+        value = parent.pop(old_leaf)
+        target = out
+        for key in new_parents:
+            target = target.setdefault(key, {})
+        target.setdefault(new_leaf, value)
+    return out
+
+
 def with_defaults(saved: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A saved config (JSON) completed with today's defaults for fields it predates.
+    """A saved config (JSON) with renamed fields under their current names (`RENAMED_FIELDS`)
+    and completed with today's defaults for fields it predates.
 
     Fields are added with the behaviour of the code before them as their default, so a run
     saved before a field existed computed what that default computes.
 
+    Args:
+      saved: a config as JSON (a workdir's config.json, a checkpoint's config).
+
     Returns:
       (the completed config, the dotted names of the fields taken from the defaults).
     """
+    saved = rename_old_fields(saved)
     defaults = default_config()
     added = sorted(set(flatten(defaults)) - set(flatten(saved)))
     return _deep_merge(defaults, saved), added

@@ -278,15 +278,6 @@ class MetricWriter:
         if self.active:
             self._tb.add_histogram(tag, np.asarray(values).ravel(), step)
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        if self.active:
-            self._tb.add_hparams(hparams, metrics, name="hparams")
-
-    def flush(self) -> None:
-        if self.active:
-            self._tb.flush()
-            self._jsonl.flush()
-
     def close(self) -> None:
         if self.active:
             self._tb.close()

@@ -26,28 +26,10 @@ def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return lo, np.minimum(lo + 1, n_in - 1), x - lo
 
 
-def linear_weights(n_in: int, n_out: int) -> np.ndarray:
-    """Interpolation matrix [n_out, n_in]: row i holds the weights of output sample i.
-
-    Args:
-      n_in: input samples along the axis.
-      n_out: output samples.
-
-    Returns:
-      float64 matrix whose rows sum to 1 (at most two non-zero weights per row).
-    """
-    lo, hi, frac = _taps(n_in, n_out)
-    w = np.zeros((n_out, n_in), np.float64)
-    rows = np.arange(n_out)
-    np.add.at(w, (rows, lo), 1.0 - frac)
-    np.add.at(w, (rows, hi), frac)
-    return w
-
-
 def _resample_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-    """`linear_weights` applied along one axis, as two gathers and a weighted sum: each output
-    sample has two taps, so this does the matrix product's work without its zeros (and without
-    a BLAS call, whose threads are slow to share on a loaded machine)."""
+    """Bilinear resampling along one axis, as two gathers and a weighted sum: each output sample
+    has two taps, so this does an interpolation matrix's work without its zeros (and without a
+    BLAS call, whose threads are slow to share on a loaded machine)."""
     lo, hi, frac = _taps(x.shape[axis], n_out)
     shape = [1] * x.ndim
     shape[axis] = n_out

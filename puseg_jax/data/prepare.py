@@ -29,11 +29,11 @@ def get_builder(
     info: DatasetInfo,
     domain: str,
     data_dir: str,
-    build_kwargs: dict | None = None,
-    builder_kwargs: dict | None = None,
+    builder_config: dict | None = None,
+    builder_options: dict | None = None,
 ) -> tfds.core.DatasetBuilder:
     """The builder of one domain; a domain not among the builder's configs (a user's own
-    hospital) gets a config of the same class with that name. `builder_kwargs` go to the
+    hospital) gets a config of the same class with that name. `builder_options` go to the
     builder's constructor (e.g. skip_unpaired=True)."""
     import data_builders  # noqa: F401  (registers the builders)
 
@@ -41,9 +41,9 @@ def get_builder(
     name = info.builder_config(domain)
     configs = {c.name: c for c in cls.BUILDER_CONFIGS}
     # None means "as the registered config" (lets configs declare overridable fields).
-    kwargs = {k: v for k, v in (build_kwargs or {}).items() if v is not None}
+    kwargs = {k: v for k, v in (builder_config or {}).items() if v is not None}
     if name in configs and not kwargs:
-        return cls(config=configs[name], data_dir=data_dir, **(builder_kwargs or {}))
+        return cls(config=configs[name], data_dir=data_dir, **(builder_options or {}))
     base = configs.get(name, cls.BUILDER_CONFIGS[0])
     fields = {f.name for f in dataclasses.fields(base)}
     # A renamed variant must still read its domain's folder / generate its domain.
@@ -57,7 +57,7 @@ def get_builder(
         cfg = dataclasses.replace(base, name=f"{name}_{digest}", **kwargs)
     else:
         cfg = dataclasses.replace(base, name=name, description=f"User domain {name}.", **kwargs)
-    return cls(config=cfg, data_dir=data_dir, **(builder_kwargs or {}))
+    return cls(config=cfg, data_dir=data_dir, **(builder_options or {}))
 
 
 def prepare_domain(
@@ -65,11 +65,11 @@ def prepare_domain(
     domain: str,
     data_dir: str,
     manual_dir: str = "",
-    build_kwargs: dict | None = None,
-    builder_kwargs: dict | None = None,
+    builder_config: dict | None = None,
+    builder_options: dict | None = None,
 ) -> tfds.core.DatasetBuilder:
     """Builds one domain if it is not built yet (array_record, no TensorFlow)."""
-    builder = get_builder(info, domain, data_dir, build_kwargs, builder_kwargs)
+    builder = get_builder(info, domain, data_dir, builder_config, builder_options)
     if not builder.is_prepared():
         t0 = time.time()
         logging.info(
@@ -98,11 +98,11 @@ def all_domains(config: ml_collections.ConfigDict) -> list[str]:
 def prepare_all(config: ml_collections.ConfigDict, info: DatasetInfo) -> str:
     """Builds every domain the config uses; returns the data dir."""
     data_dir = resolve_data_dir(config)
-    kwargs = config.data.build_kwargs.to_dict() if config.data.build_kwargs else {}
-    ctor = config.data.get("builder_kwargs")
-    ctor = ctor.to_dict() if ctor else {}
+    kwargs = config.data.builder_config.to_dict() if config.data.builder_config else {}
+    options = config.data.get("builder_options")
+    options = options.to_dict() if options else {}
     for domain in all_domains(config):
-        prepare_domain(info, domain, data_dir, config.data.manual_dir, kwargs, ctor)
+        prepare_domain(info, domain, data_dir, config.data.manual_dir, kwargs, options)
     return data_dir
 
 

@@ -34,9 +34,9 @@ def load_source(
     domain: str,
     split: str,
     data_dir: str,
-    build_kwargs: dict | None = None,
+    builder_config: dict | None = None,
     decoders: dict | None = None,
-    builder_kwargs: dict | None = None,
+    builder_options: dict | None = None,
 ):
     """Random-access source of one domain's split.
 
@@ -45,14 +45,14 @@ def load_source(
       domain: the domain (BuilderConfig) to read.
       split: TFDS split, e.g. 'train' or 'test[:50%]'.
       data_dir: the TFDS data dir.
-      build_kwargs: BuilderConfig fields the data was built with (`config.data.build_kwargs`).
+      builder_config: BuilderConfig fields the data was built with (`config.data.builder_config`).
       decoders: TFDS decoders, e.g. `tfds.decode.SkipDecoding()` for features not needed.
-      builder_kwargs: builder constructor arguments (`config.data.builder_kwargs`).
+      builder_options: builder constructor arguments (`config.data.builder_options`).
 
     Returns:
       A sequence of examples, each a dict of numpy arrays (images decoded unless skipped).
     """
-    builder = prepare.get_builder(info, domain, data_dir, build_kwargs, builder_kwargs)
+    builder = prepare.get_builder(info, domain, data_dir, builder_config, builder_options)
     return builder.as_data_source(split=split, decoders=decoders)
 
 
@@ -65,8 +65,8 @@ class SourceSpec:
     domain: str
     split: str
     data_dir: str
-    build_kwargs: dict
-    builder_kwargs: dict
+    builder_config: dict
+    builder_options: dict
 
     @classmethod
     def from_config(
@@ -77,10 +77,9 @@ class SourceSpec:
         split: str,
         data_dir: str,
     ) -> "SourceSpec":
-        ctor = config.data.get("builder_kwargs")
-        return cls(
-            info, domain, split, data_dir, _build_kwargs(config), ctor.to_dict() if ctor else {}
-        )
+        options = config.data.get("builder_options")
+        options = options.to_dict() if options else {}
+        return cls(info, domain, split, data_dir, _builder_config(config), options)
 
     def open(self, decoders: dict | None = None):
         return load_source(
@@ -88,14 +87,14 @@ class SourceSpec:
             self.domain,
             self.split,
             self.data_dir,
-            self.build_kwargs,
+            self.builder_config,
             decoders,
-            self.builder_kwargs,
+            self.builder_options,
         )
 
 
-def _build_kwargs(config: ml_collections.ConfigDict) -> dict:
-    return config.data.build_kwargs.to_dict() if config.data.build_kwargs else {}
+def _builder_config(config: ml_collections.ConfigDict) -> dict:
+    return config.data.builder_config.to_dict() if config.data.builder_config else {}
 
 
 def _as_str(x: Any) -> str:

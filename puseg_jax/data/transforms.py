@@ -99,7 +99,7 @@ def intensity(image: np.ndarray, rng: np.random.Generator, aug: ml_collections.C
 
 
 def normalization_stats(image: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """(shift, scale) per channel for `normalize`, on the [0, 1] scale.
+    """(shift, scale) per channel of the per-image normalisation, on the [0, 1] scale.
 
     Args:
       image: uint8 [H, W, C] (statistics from per-channel histograms: exact and ~5x faster than
@@ -124,12 +124,6 @@ def normalization_stats(image: np.ndarray, mode: str) -> tuple[np.ndarray, np.nd
         mean = flat.mean(axis=0, dtype=np.float64)
         var = np.mean((flat - mean) ** 2, axis=0)
     return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-6).astype(np.float32)
-
-
-def normalize(image: np.ndarray, mode: str) -> np.ndarray:
-    """'zscore': per image and channel to zero mean, unit variance; 'unit': [0, 1] as is."""
-    shift, scale = normalization_stats(image, mode)
-    return ((image - shift) / scale).astype(np.float32)
 
 
 def to_input_size(ex: dict[str, Any], size: int) -> dict[str, Any]:

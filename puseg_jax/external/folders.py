@@ -189,7 +189,7 @@ def training_center_crop(config: ml_collections.ConfigDict) -> int | None:
     synthetic families (their images were never cropped)."""
     if config.data.name != "fundus":
         return None
-    kwargs = config.data.build_kwargs.to_dict() if config.data.build_kwargs else {}
+    kwargs = config.data.builder_config.to_dict() if config.data.builder_config else {}
     # `prepare.get_builder` reads None as "as the registered config": the registered crop.
     return kwargs.get("center_crop") or fundus.DEFAULT_CENTER_CROP
 
@@ -212,7 +212,7 @@ def prepare_external(
 
     Returns:
       (the family info reading `DOMAIN` through the folder's builder, a copy of `config` that
-      reads it: data_dir, build_kwargs and builder_kwargs replaced).
+      reads it: data_dir, data.builder_config and data.builder_options replaced).
     """
     kwargs = dict(builder_kwargs or {})
     kwargs.pop("skip_unpaired", None)
@@ -264,8 +264,8 @@ def prepare_external(
     ext_config.data.manual_dir = str(ext.root.parent)
     # Only the name matters to read a prepared dataset; the fields keep the reader's config
     # faithful to the build (None would mean "as the registered config" to prepare.get_builder).
-    ext_config.data.build_kwargs = ml_collections.ConfigDict(
+    ext_config.data.builder_config = ml_collections.ConfigDict(
         {k: v for k, v in build_kwargs.items() if v is not None}
     )
-    ext_config.data.builder_kwargs = ml_collections.ConfigDict()
+    ext_config.data.builder_options = ml_collections.ConfigDict()
     return ext_info, ext_config

@@ -143,9 +143,10 @@ def evaluate_external(
     stage_root = tempfile.mkdtemp(prefix=f".partial-{name}-", dir=eval_root)
     try:
         # ---- build the folder as a test-only domain ------------------------------------------
-        ctor = config.data.get("builder_kwargs")
+        options = config.data.get("builder_options")
+        options = options.to_dict() if options else {}
         ext_info, ext_config = prepare_external(
-            ext, info, config, os.path.join(stage_root, "tfds"), ctor.to_dict() if ctor else {}
+            ext, info, config, os.path.join(stage_root, "tfds"), options
         )
 
         # ---- predict with the reported checkpoint --------------------------------------------

@@ -23,11 +23,10 @@ instead of dropping them. Stacks of slices without a slice distance
 where either mask is non-empty, and count the slices that were missed or hallucinated.
 """
 
-from puseg_jax.metrics.boundary import boundary_band, boundary_uncertainty_ratio
+from puseg_jax.metrics.boundary import boundary_band
 from puseg_jax.metrics.calibration import (
     auroc,
     brier_score,
-    calibration,
     calibration_from_sums,
     calibration_sums,
     nll,
@@ -46,9 +45,7 @@ from puseg_jax.metrics.surface import (
 __all__ = [
     "auroc",
     "boundary_band",
-    "boundary_uncertainty_ratio",
     "brier_score",
-    "calibration",
     "calibration_from_sums",
     "calibration_sums",
     "compute_case_metrics",

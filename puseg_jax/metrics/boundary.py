@@ -1,4 +1,4 @@
-"""Bands around mask boundaries and the uncertainty ratio between band and interior."""
+"""Bands around mask boundaries (pixels near a ground-truth edge, on both sides)."""
 
 from __future__ import annotations
 
@@ -47,32 +47,3 @@ def boundary_band(gt_mask: np.ndarray, width: float = 2) -> np.ndarray:
     if gt_mask.ndim != 3:
         raise ValueError(f"expected (H, W) or (N, H, W) masks, got shape {gt_mask.shape}")
     return np.stack([_slice_band(image, width) for image in gt_mask])
-
-
-def boundary_uncertainty_ratio(
-    u: np.ndarray,
-    gt: np.ndarray,
-    width: float = 2,
-) -> tuple[float, float, float]:
-    """How much more uncertain a model is near the ground-truth boundary than elsewhere.
-
-    Args:
-      u: pixel-wise uncertainty (e.g. entropy or variance), same shape as `gt`.
-      gt: ground-truth mask, (H, W) or (N, H, W) / (D, H, W) (bands per 2-D slice, see
-        ``boundary_band``).
-      width: half-width of the band in pixels.
-
-    Returns:
-      (mean of `u` in the band, mean of `u` elsewhere, their ratio). A mean over no pixels is
-      NaN; the ratio follows IEEE division (inf when only the mean elsewhere is 0).
-    """
-    u = np.asarray(u, dtype=np.float64)
-    if u.shape != np.shape(gt):
-        raise ValueError(f"u and gt shapes differ: {u.shape} vs {np.shape(gt)}")
-    band = boundary_band(gt, width)
-    in_band, rest = u[band], u[~band]
-    mean_band = float(in_band.mean()) if in_band.size else float("nan")
-    mean_rest = float(rest.mean()) if rest.size else float("nan")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = float(np.float64(mean_band) / np.float64(mean_rest))
-    return mean_band, mean_rest, ratio

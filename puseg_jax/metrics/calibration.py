@@ -29,41 +29,20 @@ def _right_closed_bin(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return index
 
 
-def calibration(
-    confidence: np.ndarray,
-    correct: np.ndarray,
-    n_bins: int = 15,
-) -> dict[str, float | np.ndarray]:
-    """Expected calibration error and reliability-diagram data.
+def calibration_sums(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15
+) -> dict[str, np.ndarray]:
+    """Per-bin sums of a reliability diagram; sums of several sets of predictions (added key by
+    key) give the calibration of their union, so large sets are scored in parts
+    (`calibration_from_sums` turns them into the ECE and the diagram).
 
     Bins are ``n_bins`` equal-width intervals of [0, 1], closed on the right:
     bin b holds confidences in ``(b / n_bins, (b + 1) / n_bins]`` and the first bin also holds 0.
-    ECE is ``sum_b (count_b / N) * |accuracy_b - mean_confidence_b|``.
 
     Args:
       confidence: confidence of each prediction in [0, 1], any shape (e.g. the maximum softmax
         probability of every pixel of every case, flattened or not).
       correct: whether each prediction is right (bool or 0/1), same shape.
-      n_bins: number of bins.
-
-    Returns:
-      ``{"ece": float, "bin_edges": (n_bins + 1,), "bin_confidence": (n_bins,),
-      "bin_accuracy": (n_bins,), "bin_counts": (n_bins,) int64}``; per-bin means are NaN for
-      empty bins (nothing to plot there), which do not contribute to the ECE. The ECE is NaN
-      only when there is no prediction at all.
-    """
-    return calibration_from_sums(calibration_sums(confidence, correct, n_bins))
-
-
-def calibration_sums(
-    confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15
-) -> dict[str, np.ndarray]:
-    """The per-bin sums `calibration` is made of; sums of several sets of predictions (added
-    key by key) give the calibration of their union, so large sets can be scored in parts.
-
-    Args:
-      confidence: as for `calibration`.
-      correct: as for `calibration`.
       n_bins: number of bins.
 
     Returns:
@@ -93,7 +72,20 @@ def _bin_edges(n_bins: int) -> np.ndarray:
 
 
 def calibration_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, float | np.ndarray]:
-    """`calibration`'s result from `calibration_sums` (of one set or added over several)."""
+    """Expected calibration error and reliability-diagram data from `calibration_sums` (of one
+    set of predictions, or added over several).
+
+    ECE is ``sum_b (count_b / N) * |accuracy_b - mean_confidence_b|``.
+
+    Args:
+      sums: the output of `calibration_sums`, or several of them added key by key.
+
+    Returns:
+      ``{"ece": float, "bin_edges": (n_bins + 1,), "bin_confidence": (n_bins,),
+      "bin_accuracy": (n_bins,), "bin_counts": (n_bins,) int64}``; per-bin means are NaN for
+      empty bins (nothing to plot there), which do not contribute to the ECE. The ECE is NaN
+      only when there is no prediction at all.
+    """
     counts = np.asarray(sums["bin_counts"], np.int64)
     confidence_sum = np.asarray(sums["bin_confidence_sum"], np.float64)
     correct_sum = np.asarray(sums["bin_correct_sum"], np.float64)

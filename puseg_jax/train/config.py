@@ -46,7 +46,7 @@ def validate_config(config: ml_collections.ConfigDict) -> DatasetInfo:
             f"parallel.process_id={pc.process_id} is not in [0, {pc.num_processes}) "
             f"(parallel.num_processes)"
         )
-    extra = tuple(config.data.get("extra_domains", ()))
+    extra = tuple(config.data.extra_domains)
     known = info.domains + extra
     for d in list(config.data.source_domains) + list(config.data.target_domains):
         if d not in known:

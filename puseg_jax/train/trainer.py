@@ -1,6 +1,9 @@
 """Training and evaluation loop: `train_and_evaluate(config, workdir)`.
 
 Restore precedence: the workdir's own checkpoint > `config.init_from` > from scratch.
+
+The train/* scalars logged every `log_every_steps` steps are means over the steps since the
+previous log line, by `clu.metrics` outside the train step (which returns each step's metrics).
 """
 
 import functools
@@ -14,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from clu import parameter_overview
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -27,6 +31,12 @@ from puseg_jax.train import checkpoints, diagnostics
 from puseg_jax.train.config import _config_json, check_resume_config, resolve_evals, validate_config
 from puseg_jax.train.restore import restore_for_inference
 from puseg_jax.train.steps import create_model, create_train_state, eval_step, train_step
+from puseg_jax.train.train_metrics import (
+    _check_finite,
+    _fetch,
+    aggregate_train_metrics,
+    window_means,
+)
 
 # ---------------------------------------------------------------------------------------------
 
@@ -87,42 +97,11 @@ def use_compile_cache(cache_dir: str) -> None:
     compilation_cache.reset_cache()
 
 
-def _fetch(pending: list) -> list:
-    """[(first step, device metrics, steps or None)] -> [(step, host metrics)], one per step."""
-    out = []
-    for first, metrics, steps in pending:
-        metrics = jax.device_get(metrics)
-        if steps is None:
-            out.append((first, metrics))
-        else:
-            out += [(first + i, jax.tree.map(lambda v, i=i: v[i], metrics)) for i in range(steps)]
-    return out
-
-
-def _check_finite(pending: list, nan_policy: str, counters: dict) -> None:
-    """Host check of the in-step finiteness flags of the steps since the last check."""
-    for step, m in pending:
-        fl, fg = bool(m["finite_loss"]), bool(m["finite_grads"])
-        if fl and fg:
-            continue
-        what = "loss" if not fl else "gradients"
-        if nan_policy == "raise":
-            raise FloatingPointError(
-                f"Non-finite {what} at step {step} (loss={float(m['loss'])}, "
-                f"grad_norm={float(m['grad_norm'])}); the state was not updated and the last "
-                f"checkpoint is the last good one. Set nan_policy='skip' to skip such steps."
-            )
-        counters["skipped_steps"] += 1
-        print(
-            f"[train] Non-finite {what} at step {step}: step skipped "
-            f"({counters['skipped_steps']} so far).",
-            flush=True,
-        )
-    pending.clear()
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains on the source domains, then evaluates every evaluator in `config.evals`.
+
+    The train/* scalars and the console's loss are means over the steps since the previous log
+    line (skipped non-finite steps left out); log.txt gets the model's parameter table (clu).
 
     Args:
       config: experiment config (configs/default.py documents every field).
@@ -158,8 +137,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             raise
     if is_chief:
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(_config_json(config), f, indent=2)
-        data_dir = prepare.prepare_all(config, info)
+            json.dump(cfg_json, f, indent=2)
+        prepare.prepare_all(config, info)
     parallel.sync("prepare")
     data_dir = prepare.resolve_data_dir(config)
 
@@ -167,6 +146,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rng = jax.random.key(config.seed)
     init_rng, train_rng, eval_rng = jax.random.split(rng, 3)
     host_state = create_train_state(config, info, model, init_rng)
+    if is_chief:  # to log.txt (INFO): names, shapes, sizes, mean and std of the parameters
+        parameter_overview.log_parameter_overview(
+            host_state.params, msg=f"[train] parameters of the {config.method} model:"
+        )
     writer = logging_utils.MetricWriter(workdir)
     replicated = NamedSharding(mesh, P())
 
@@ -259,7 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- train loop ---------------------------------------------------------------------------
     num_steps = config.num_train_steps
     preemption = _Preemption()
-    pending: list = []
+    pending: list = []  # device metrics of the steps not fetched yet
+    window = None  # the log window's running means (clu), over the fetched steps
     t_start = t_last = time.time()
     step_last, paused = start_step, 0.0  # paused: evaluation and checkpoint seconds since t_last
     source_val = [n for n, e in evals.items() if e["role"] == "source_val"]
@@ -297,11 +281,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 t_last, step_last, paused = time.time(), step, 0.0
 
             if step % config.log_every_steps == 0 or step == num_steps:
-                pending = _fetch(pending)
-                last = pending[-1][1]
-                _check_finite(pending, config.nan_policy, counters)
+                fetched, pending = _fetch(pending), []
+                _check_finite(fetched, config.nan_policy, counters)
+                means, window = window_means(aggregate_train_metrics(window, fetched)), None
                 now = time.time()
-                scalars = {f"train/{k}": v for k, v in last.items() if not k.startswith("finite")}
+                scalars = {f"train/{k}": v for k, v in means.items()}
                 scalars["train/skipped_steps"] = counters["skipped_steps"]
                 speed = ""
                 train_seconds = now - t_last - paused
@@ -314,16 +298,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.scalars(step, scalars)
                 logging_utils.progress(
                     f"[train] step {step}/{num_steps} ({100 * step // num_steps}%) "
-                    f"loss {float(last['loss']):.4f}, elapsed {_duration(now - t_start)}{speed}"
+                    f"loss {means['loss']:.4f}, elapsed {_duration(now - t_start)}{speed}"
                 )
 
             t_pause = time.time()
             # Every process takes the same decision at the same step (a collective when several).
             stop = parallel.any_across_processes(preemption.requested)
             if stop or step % config.checkpoint_every_steps == 0 or step == num_steps:
-                pending = _fetch(pending)
+                fetched, pending = _fetch(pending), []
                 # Before saving: a checkpoint is only written after finite steps.
-                _check_finite(pending, config.nan_policy, counters)
+                _check_finite(fetched, config.nan_policy, counters)
+                window = aggregate_train_metrics(window, fetched)
                 save(step)
             if stop:
                 print(f"[train] preempted: checkpoint at step {step} written, exiting.", flush=True)
