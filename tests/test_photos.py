@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from puseg_jax.external import photos
+from puseg_jax.external import localise, photo_checks, photos
 
 S = 64  # network input of the fake model (small: these tests crop and resize many windows)
 RETINA = (170, 80, 40)
@@ -106,9 +106,9 @@ def test_training_framing_median_of_masks():
 )
 def test_locate_disc_finds_the_exact_centre(shape, centre, diameter, n_bright):
     photo, mask = synth_photo(shape, discs=((centre, diameter),))
-    loc = photos.locate_disc(photo, fake_predict, FRAMING, S, n_bright=n_bright)
+    loc = localise.locate_disc(photo, fake_predict, FRAMING, S, n_bright=n_bright)
     true_centre = centroid(mask < 255)
-    true_d = photos.equivalent_diameter((mask < 255).sum())
+    true_d = photo_checks.equivalent_diameter((mask < 255).sum())
     assert loc.found and loc.flags == {}, loc.message()
     err = math.dist(loc.centre, true_centre)
     # Exact up to the resampling to the network's grid: under half a photograph pixel.
@@ -129,7 +129,7 @@ def test_locate_disc_batches_at_a_few_sizes():
         return fake_predict(regions)
 
     photo, _ = synth_photo()
-    loc = photos.locate_disc(photo, counting, FRAMING, S, batch_size=16)
+    loc = localise.locate_disc(photo, counting, FRAMING, S, batch_size=16)
     # Padded to a few sizes: a jitted model compiles once for each.
     assert set(sizes) <= {4, 8, 16} and photos.batch_sizes(16) == [4, 8, 16]
     assert sum(sizes) < 1.3 * loc.n_windows  # little padding
@@ -142,10 +142,10 @@ def test_locate_disc_prefers_a_confident_disc_over_a_faint_spot_and_a_reflex():
     photo[disc_pixels(mask.shape, (150, 400), 110)] = REFLEX
     assert np.mean(REFLEX) > np.mean(DISC)
     assert (
-        math.dist(photos.bright_spots(photo, photos.field_of_view(photo), 80, 1)[0], (150, 400))
+        math.dist(photo_checks.bright_spots(photo, photo_checks.field_of_view(photo), 80, 1)[0], (150, 400))
         < 20
     )
-    loc = photos.locate_disc(photo, fake_predict, FRAMING, S)
+    loc = localise.locate_disc(photo, fake_predict, FRAMING, S)
     assert loc.found and "two_candidates" not in loc.flags
     assert math.dist(loc.centre, centroid(mask < 255)) < 2
 
@@ -165,20 +165,20 @@ def hallucinating_predict(regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def test_hallucinated_discs_do_not_win():
     photo, mask = synth_photo(discs=(((320, 560), 80),))
-    loc = photos.locate_disc(photo, hallucinating_predict, FRAMING, S)
+    loc = localise.locate_disc(photo, hallucinating_predict, FRAMING, S)
     assert loc.found and "two_candidates" not in loc.flags, loc.message()
     assert math.dist(loc.centre, centroid(mask < 255)) < 1
     assert loc.candidates[0].anchoring > 0.9
     assert all(c.anchoring < 0.5 for c in loc.candidates[1:])
     # Without a disc, every made-up disc moves with its window: none is accepted.
     empty, _ = synth_photo(discs=())
-    loc = photos.locate_disc(empty, hallucinating_predict, FRAMING, S)
+    loc = localise.locate_disc(empty, hallucinating_predict, FRAMING, S)
     assert not loc.found and "anchoring" in loc.flags["no_disc"]
 
 
 def test_two_discs_are_flagged():
     photo, _ = synth_photo(discs=(((300, 230), 80), ((300, 570), 80)))
-    loc = photos.locate_disc(photo, fake_predict, FRAMING, S)
+    loc = localise.locate_disc(photo, fake_predict, FRAMING, S)
     assert loc.found
     assert "two_candidates" in loc.flags
     assert "disc diameters away" in loc.flags["two_candidates"]
@@ -187,7 +187,7 @@ def test_two_discs_are_flagged():
 
 def test_no_disc_is_flagged():
     photo, _ = synth_photo(discs=())
-    loc = photos.locate_disc(photo, fake_predict, FRAMING, S)
+    loc = localise.locate_disc(photo, fake_predict, FRAMING, S)
     assert not loc.found and loc.box is None
     assert "no disc in any of" in loc.flags["no_disc"]
     assert loc.message().startswith("no disc")
@@ -196,7 +196,7 @@ def test_no_disc_is_flagged():
 def test_disc_at_the_border_is_flagged():
     # A frame without the dark border (cropped inside the field): the disc cut by the left edge.
     photo, mask = synth_photo((500, 700), discs=(((250, 20), 90),), fov=False)
-    loc = photos.locate_disc(photo, fake_predict, FRAMING, S)
+    loc = localise.locate_disc(photo, fake_predict, FRAMING, S)
     assert loc.centre is not None
     assert "at_edge" in loc.flags and "left border" in loc.flags["at_edge"]
     assert math.dist(loc.centre, centroid(mask < 255)) < 3
@@ -278,32 +278,32 @@ def test_photograph_without_border_is_found_by_the_model():
 
 def test_bad_photographs_raise_per_image(tmp_path):
     grey = np.full((400, 400, 3), 128, np.uint8)
-    with pytest.raises(photos.PhotoError, match="uniform") as e:
-        photos.locate_disc(grey, fake_predict, FRAMING, S, name="grey")
+    with pytest.raises(photo_checks.PhotoError, match="uniform") as e:
+        localise.locate_disc(grey, fake_predict, FRAMING, S, name="grey")
     assert e.value.kind == "uniform" and str(e.value).startswith("grey: ")
     tiny, _ = synth_photo((40, 50), discs=())
-    with pytest.raises(photos.PhotoError, match="smaller than the network input") as e:
-        photos.check_photo(tiny, S)
+    with pytest.raises(photo_checks.PhotoError, match="smaller than the network input") as e:
+        photo_checks.check_photo(tiny, S)
     assert e.value.kind == "too_small"
     photo, mask = synth_photo()
-    with pytest.raises(photos.PhotoError, match="photograph's grid") as e:
-        photos.check_mask(mask[:, :-1], photo.shape, "m")
+    with pytest.raises(photo_checks.PhotoError, match="photograph's grid") as e:
+        photo_checks.check_mask(mask[:, :-1], photo.shape, "m")
     assert e.value.kind == "mask_shape"
     bad = mask.copy()
     bad[0, 0] = 7
-    with pytest.raises(photos.PhotoError) as e:
-        photos.check_mask(bad, photo.shape)
+    with pytest.raises(photo_checks.PhotoError) as e:
+        photo_checks.check_mask(bad, photo.shape)
     assert e.value.kind == "mask_values"
-    np.testing.assert_array_equal(photos.check_mask(mask, photo.shape), mask)
+    np.testing.assert_array_equal(photo_checks.check_mask(mask, photo.shape), mask)
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png")
-    with pytest.raises(photos.PhotoError) as e:
-        photos.read_photo(junk)
+    with pytest.raises(photo_checks.PhotoError) as e:
+        photo_checks.read_photo(junk)
     assert e.value.kind == "unreadable" and e.value.name == "junk"
     # A good photograph after the bad ones is processed as ever.
     Image.fromarray(photo).save(tmp_path / "ok.png")
-    ok = photos.read_photo(tmp_path / "ok.png")
-    assert photos.locate_disc(ok, fake_predict, FRAMING, S).found
+    ok = photo_checks.read_photo(tmp_path / "ok.png")
+    assert localise.locate_disc(ok, fake_predict, FRAMING, S).found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ def test_bad_photographs_raise_per_image(tmp_path):
 
 
 def _real_mask(path):
-    return photos.read_mask(path)
+    return photo_checks.read_mask(path)
 
 
 @pytest.mark.real_data
@@ -319,14 +319,14 @@ def test_real_photographs_and_regions_are_told_apart(shared_data):
     photo_paths = sorted((shared_data / "fundus_photos").glob("*/image/*.png"))
     assert len(photo_paths) == 12
     for p in photo_paths:
-        d = photos.is_photograph(photos.read_photo(p))
+        d = photos.is_photograph(photo_checks.read_photo(p))
         assert d.is_photograph, (p.name, d.reason)
     # Every 8th region of each domain, and Domain3's with two dark corners (near the field's edge).
     regions = []
     for dom in ("Domain1", "Domain2", "Domain3", "Domain4"):
         regions += sorted((shared_data / "fundus" / dom).glob("*/ROIs/image/*.png"))[::8]
     for p in regions:
-        d = photos.is_photograph(photos.read_photo(p))
+        d = photos.is_photograph(photo_checks.read_photo(p))
         assert not d.is_photograph, (p, d.reason)
 
 
@@ -342,10 +342,10 @@ def test_real_training_framing(shared_data):
 @pytest.mark.real_data
 def test_real_photograph_paste_back_identity(shared_data):
     root = shared_data / "fundus_photos/REFUGE_train"
-    photo = photos.read_photo(root / "image/n0015.png")
-    mask = photos.check_mask(_real_mask(root / "mask/n0015.png"), photo.shape)
+    photo = photo_checks.read_photo(root / "image/n0015.png")
+    mask = photo_checks.check_mask(_real_mask(root / "mask/n0015.png"), photo.shape)
     od = mask < 255
-    d = photos.equivalent_diameter(od.sum())
+    d = photo_checks.equivalent_diameter(od.sum())
     box = photos.Box.around(*centroid(od), d / FRAMING)
     region = photos.crop_region(mask, box, pad_value=255, nearest=True)
     back = photos.paste_back((region < 255).astype(np.float32), box, photo.shape)
@@ -365,7 +365,7 @@ def test_locate_a_real_shaped_disc(shared_data):
     truth = np.zeros(shape, bool)
     truth[top : top + 230, left : left + 230] = od
     photo[truth] = DISC
-    loc = photos.locate_disc(photo, fake_predict, FRAMING, S)
+    loc = localise.locate_disc(photo, fake_predict, FRAMING, S)
     assert loc.found and loc.flags == {}, loc.message()
-    d = photos.equivalent_diameter(truth.sum())
+    d = photo_checks.equivalent_diameter(truth.sum())
     assert math.dist(loc.centre, centroid(truth)) <= 0.02 * d
