@@ -195,6 +195,14 @@ def disc_of(mask: np.ndarray, convention: str = "release") -> np.ndarray:
     return mask < 255 if convention == "release" else mask > 0
 
 
+def release_to_classes(mask: np.ndarray) -> np.ndarray:
+    """A checked release mask (0 cup, 128 rim, 255 background) -> class indices (0 background,
+    1 rim, 2 cup), as the fundus builder stores them."""
+    lookup = np.zeros(256, np.uint8)
+    lookup[0], lookup[128] = 2, 1
+    return lookup[np.asarray(mask, np.uint8)]
+
+
 def equivalent_diameter(area: float) -> float:
     """The diameter of the circle of this area: 2 sqrt(area / pi). Used for every disc size
     here (training masks, predictions), so that the framing and the measurements agree."""
