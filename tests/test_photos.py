@@ -142,7 +142,10 @@ def test_locate_disc_prefers_a_confident_disc_over_a_faint_spot_and_a_reflex():
     photo[disc_pixels(mask.shape, (150, 400), 110)] = REFLEX
     assert np.mean(REFLEX) > np.mean(DISC)
     assert (
-        math.dist(photo_checks.bright_spots(photo, photo_checks.field_of_view(photo), 80, 1)[0], (150, 400))
+        math.dist(
+            photo_checks.bright_spots(photo, photo_checks.field_of_view(photo), 80, 1)[0],
+            (150, 400),
+        )
         < 20
     )
     loc = localise.locate_disc(photo, fake_predict, FRAMING, S)
