@@ -3,7 +3,9 @@
 For each set of ../shared/data/fundus_photos (PAPILA, REFUGE_val, REFUGE_train: 4 photographs
 each, with masks) it runs `python -m puseg_jax.evaluate` twice: as a user would (framing
 decided from the images: the disc located, the region predicted and pasted back) and with
-`--framing=region` (today's plain resize of the whole photograph). For the REFUGE training eyes
+`--framing=region --center_crop=none` (the plain resize of the whole photograph to the input,
+scored on the photograph's grid; `--framing=region` alone scores the training's 512 centre crop
+only, so its Dice ignores the disc wherever it falls outside that crop). For the REFUGE training eyes
 it also runs the region path on the same eyes (their DoFE regions in fundus/Domain3, copied into a
 flat folder). Per photograph it reports the located centre's distance to the true centre (the
 centroid of the mask's disc) in true disc diameters, OD/OC Dice on the photograph's grid (from
@@ -68,7 +70,7 @@ def main():
                              "--overwrite"])  # fmt: skip
         walls[s] = time.perf_counter() - t0
         evaluate.main(["--workdir", w, "--data", str(folder), "--name", f"plain_{s}",
-                       "--framing=region", "--overwrite"])  # fmt: skip
+                       "--framing=region", "--center_crop=none", "--overwrite"])  # fmt: skip
         photo, plain = review(w, f"photos_{s}"), review(w, f"plain_{s}")
         cases = res["photographs"]["cases"]
         for case in sorted(photo):

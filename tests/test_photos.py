@@ -1,5 +1,5 @@
-"""Whole fundus photographs (puseg_jax/external/photos.py): locating the disc, crop and paste-back,
-the training framing, photograph-or-region, bad photographs.
+"""Whole fundus photographs (external/photo_checks.py, photos.py, localise.py): locating the disc,
+crop and paste-back, the training framing, photograph-or-region, bad photographs.
 
 Synthetic photographs: a circular field of view on black, retina in orange-red, and discs of a
 colour only discs have (high green). The fake model "sees" a disc exactly where the pixels are
