@@ -1,15 +1,16 @@
 """Whole fundus photographs with a trained fundus run, through the command line (issue 22).
 
 For each set of ../shared/data/fundus_photos (PAPILA, REFUGE_val, REFUGE_train: 4 photographs
-each, with masks) it runs `python -m puseg_jax.evaluate` twice: as a user would (framing
-decided from the images: the disc located, the region predicted and pasted back) and with
+each, with masks) it runs `python -m puseg_jax.evaluate` twice: as a user would (framing decided
+from the images: the disc located, the region predicted and pasted back) and with
 `--framing=region --center_crop=none` (the plain resize of the whole photograph to the input,
 scored on the photograph's grid; `--framing=region` alone scores the training's 512 centre crop
-only, so its Dice ignores the disc wherever it falls outside that crop). For the REFUGE training eyes
-it also runs the region path on the same eyes (their DoFE regions in fundus/Domain3, copied into a
-flat folder). Per photograph it reports the located centre's distance to the true centre (the
-centroid of the mask's disc) in true disc diameters, OD/OC Dice on the photograph's grid (from
-review.csv), the plain-resize OD Dice, the region path's Dice, and the search time (summary.json).
+only, so its Dice ignores the disc wherever it falls outside that crop). For the REFUGE training
+eyes it also runs the region path on the same eyes (their DoFE regions in fundus/Domain3, copied
+into a flat folder). Per photograph it reports the located centre's distance to the true centre
+(the centroid of the mask's disc) in true disc diameters, OD/OC Dice on the photograph's grid
+(from review.csv), the plain-resize OD Dice, the region path's Dice, and the search time
+(summary.json).
 
     python -m benchmarks.bench_photos --workdir /work/qruns/photos_ours_all4_seed0 [--out F.json]
 
