@@ -346,8 +346,8 @@ def _print_result(res: dict, folder: str) -> None:
     head += f"{res['checkpoint']} at step {res['step']})"
     if res["scored"]:
         dice = ", ".join(f"{s} {sm['dice']['mean']:.4f}" for s, sm in res["structures"].items())
-        grid = "photograph's" if "photographs" in res else res["resolution"]
-        print(f"{head}: Dice {dice} (scored on each {grid} grid)", flush=True)
+        grid = "each photograph's" if "photographs" in res else f"the {res['resolution']}"
+        print(f"{head}: Dice {dice} (scored on {grid} grid)", flush=True)
         det = ", ".join(
             f"{s} AUROC {number(d['auroc'])} ({d['n_fail']}/{d['n']} failing), "
             f"Spearman {number(d['spearman'])}"
