@@ -1,7 +1,7 @@
 """Runs a trained model on a hospital it never saw: `python -m puseg_jax.evaluate`.
 
     python -m puseg_jax.evaluate --workdir W --data DIR [--name NAME] [--labels auto|yes|no]
-        [--fail_dice 0.9] [--qc_score auto] [--center_crop train] [--overwrite]
+        [--fail_dice 0.9] [--qc_score auto] [--center_crop train] [--framing auto] [--overwrite]
 
 builds DIR as a test-only domain of W's dataset family (its `config.json`), predicts every case
 with W's reported checkpoint (the one its `summary.json` names: the last, or the best on source
@@ -31,6 +31,17 @@ Layouts of DIR:
   images are predicted unlabelled. Masks use the 0/128/255 convention. The training's centre crop
   (512 for the real fundus family) is applied, and the region outside it is written as
   background with uncertainty 0 (it was not predicted).
+* whole fundus photographs (`DIR/image/` + optional `DIR/mask/`, masks at the photograph's
+  size): whether an image is a whole photograph or a disc-centred region is decided per image
+  (the black surround of a photograph's field of view: 3 or 4 dark corners) and printed;
+  `--framing=photo|region` overrides. In a photograph the disc is located with the run's own
+  model (`external.localise`), the region at the framing of the run's training masks is
+  predicted and pasted back onto the photograph's grid, and the scores, `<case>_pred.png` and
+  `<case>_uncertainty.png` are on the whole photograph. review.csv gains the localisation
+  (`loc_*` columns) and ranks doubtful localisations (no disc, two candidates, at the edge)
+  first; the panels show the located region on the photograph beside its close-up. A photograph
+  that cannot be used (unreadable, grey, smaller than the network input, a mask of another size,
+  no disc found) is skipped with one line and listed in summary.json; the others go on.
 * prostate families (`prostate`, `prostate_slices`, `synth_prostate`): a folder of NIfTI volumes,
   SAML naming (`Case00.nii.gz` + `Case00_segmentation.nii.gz`), all with labels or none.
 
@@ -145,6 +156,14 @@ def define_flags(fv: flags.FlagValues) -> None:
         "fundus: train (the crop the model saw), none (whole images) or a side in pixels",
         flag_values=fv,
     )
+    flags.DEFINE_enum(
+        "framing",
+        "auto",
+        ["auto", "photo", "region"],
+        "fundus: auto (whole photographs or regions, decided per image), photo (locate the disc "
+        "in every image first) or region (predict each image as a region, as released)",
+        flag_values=fv,
+    )
     flags.DEFINE_bool(
         "overwrite", False, "replace an earlier eval/NAME of this command", flag_values=fv
     )
@@ -157,11 +176,11 @@ def parse_flags(argv: Sequence[str] | None = None) -> dict[str, Any]:
       argv: command-line arguments, program name excluded (None: sys.argv[1:]).
 
     Returns:
-      workdir, data, name, labels, fail_dice, qc_score, center_crop, overwrite.
+      workdir, data, name, labels, fail_dice, qc_score, center_crop, framing, overwrite.
     """
     fv, args = cli.parse(argv, __doc__, define_flags, PROG)
     cli.no_positional(args, PROG)
-    names = ("workdir", "data", "name", "labels", "fail_dice", "qc_score", "center_crop")
+    names = ("workdir", "data", "name", "labels", "fail_dice", "qc_score", "center_crop", "framing")
     return {name: fv[name].value for name in (*names, "overwrite")}
 
 

@@ -263,6 +263,16 @@ def test_fail_thresholds_and_review_order():
     assert [r["rank"] for r in rows] == [1, 2, 3]
     assert [r["fails"] for r in rows] == [True, True, False]
     assert rows[1]["qc_score"] == 0.5 and rows[0]["dice_OC"] == 0.0
+    # The empty cup is ranked first by name, its case score is its disc's (never inf).
+    assert rows[0]["no_prediction"] == "OC" and rows[0]["qc_score"] == 0.1
+    assert [r["no_prediction"] for r in rows[1:]] == ["", ""]
+    # A doubt (a photograph's localisation) ranks before an empty prediction.
+    rows = external_qc.review_rows(
+        qc, "region_mean", sizes, "pixel", info, None, {}, doubtful={"a": "at_edge"}
+    )
+    assert [r["case_id"] for r in rows] == ["a", "b", "c"]
+    assert external_qc.finite_case_score({"OD": np.inf, "OC": np.inf}, 0.3) == 0.3
+    assert external_qc.finite_case_score({"OD": np.inf, "OC": np.inf}) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------

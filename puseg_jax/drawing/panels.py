@@ -330,3 +330,32 @@ def write_tensorboard(
             save_png(panel, os.path.join(png_dir, f"panel_{i}_{case_id}.png"))
         writer.image(step, f"eval/{name}/panel_{i}", panel)
     writer.histogram(step, f"eval/{name}/uncertainty_hist", uncertainty)
+
+
+def draw_box(
+    rgb: np.ndarray, top: int, left: int, side: int, colour=(0, 255, 255), width: int = 2
+) -> np.ndarray:
+    """A copy of an RGB uint8 image with a square's outline drawn (clipped to the image), e.g.
+    the region located in a photograph."""
+    out = np.array(rgb, np.uint8, copy=True)
+    h, w = out.shape[:2]
+    r0, c0, r1, c1 = top, left, top + side - 1, left + side - 1
+    for k in range(width):
+        rows = slice(max(r0 + k, 0), min(r1 - k, h - 1) + 1)
+        cols = slice(max(c0 + k, 0), min(c1 - k, w - 1) + 1)
+        for r in (r0 + k, r1 - k):
+            if 0 <= r < h:
+                out[r, cols] = colour
+        for c in (c0 + k, c1 - k):
+            if 0 <= c < w:
+                out[rows, c] = colour
+    return out
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 8) -> np.ndarray:
+    """Two RGB uint8 images next to each other on white, tops aligned."""
+    h = max(left.shape[0], right.shape[0])
+    out = np.full((h, left.shape[1] + gap + right.shape[1], 3), 255, np.uint8)
+    out[: left.shape[0], : left.shape[1]] = left[..., :3]
+    out[: right.shape[0], left.shape[1] + gap :] = right[..., :3]
+    return out

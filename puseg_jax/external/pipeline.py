@@ -19,8 +19,10 @@ from puseg_jax import parallel
 from puseg_jax.core.datasets import DatasetInfo
 from puseg_jax.core.formatting import number
 from puseg_jax.core.logging_utils import MetricWriter
+from puseg_jax.data import prepare
 from puseg_jax.evaluators import domains, predict, quality, reports, scoring
 from puseg_jax.evaluators.records import Predictions
+from puseg_jax.external import photo_eval
 from puseg_jax.external.folders import (
     DOMAIN,
     ROLE,
@@ -105,6 +107,7 @@ def evaluate_external(
     qc_score: str = "auto",
     center_crop: int | None | str = "train",
     overwrite: bool = False,
+    framing: str = "auto",
 ) -> dict[str, Any]:
     """Evaluates a run's reported checkpoint on a folder of the user's own (a test-only domain)
     and writes `<workdir>/eval/<name>/` (see the module docstring).
@@ -118,6 +121,8 @@ def evaluate_external(
       qc_score: 'auto' (chosen on the run's source validation) or one of `quality.QC_SCORES`.
       center_crop: fundus only: 'train' (what the model saw), an int, or None (whole images).
       overwrite: replace an existing `eval/<name>` of an earlier external evaluation.
+      framing: fundus only: 'auto' (whole photographs or regions, decided per image), 'photo'
+        (locate the disc in every image first: `photo_eval`) or 'region' (as released).
 
     Returns:
       The written summary.json content.
@@ -136,12 +141,45 @@ def evaluate_external(
     crop = training_center_crop(config) if center_crop == "train" else center_crop
     if crop is not None and (not isinstance(crop, int) or crop < 1):
         raise ValueError(f"center_crop must be 'train', None or a positive int, got {crop!r}")
-    ext = find_external_data(data, config.data.name, labels, crop)
+    decisions = None
+    if folder_builder(config.data.name) == "fundus" and framing != "region":
+        listed = find_external_data(data, config.data.name, labels, None)
+        decisions = photo_eval.decide(listed, framing)
+        photo_eval.announce(decisions, framing)
+        if not any(d.is_photograph for d in decisions.values()):
+            decisions = None
+    elif framing not in photo_eval.FRAMINGS:
+        raise ValueError(f"framing must be one of {photo_eval.FRAMINGS}, got {framing!r}")
+    # Photographs: listed whole (their regions are cropped at the training framing later).
+    ext = (
+        listed
+        if decisions is not None
+        else find_external_data(data, config.data.name, labels, crop)
+    )
+    user_ext = ext
 
     eval_root = os.path.join(workdir, "eval")
     os.makedirs(eval_root, exist_ok=True)
     stage_root = tempfile.mkdtemp(prefix=f".partial-{name}-", dir=eval_root)
     try:
+        mesh = parallel.create_mesh(config.parallel.num_devices)
+        model = restore_for_inference(config, info, workdir, mesh, which=which, step=step)
+        _, _, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
+
+        # ---- photographs: locate the disc, stage the regions ---------------------------------
+        if decisions is not None:
+            run_framing = photo_eval.run_framing(config, info, prepare.resolve_data_dir(config))
+            predict_fn = photo_eval.photo_predict_fn(model, config, info, mesh, eval_rng)
+            ext, cases, skipped = photo_eval.stage_photographs(
+                ext,
+                decisions,
+                predict_fn,
+                run_framing,
+                int(config.data.image_size),
+                crop,
+                os.path.join(stage_root, "photos"),
+            )
+
         # ---- build the folder as a test-only domain ------------------------------------------
         options = config.data.get("builder_options")
         options = options.to_dict() if options else {}
@@ -150,12 +188,9 @@ def evaluate_external(
         )
 
         # ---- predict with the reported checkpoint --------------------------------------------
-        mesh = parallel.create_mesh(config.parallel.num_devices)
         n_dev = mesh.devices.size
         # Any device count: the batch is padded anyway, so round it up to a multiple.
         ext_config.eval.batch_size = -(-int(config.eval.batch_size) // n_dev) * n_dev
-        model = restore_for_inference(config, info, workdir, mesh, which=which, step=step)
-        _, _, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
         pred = predict.predict_split(
             p_eval_step=model.eval_step,
             state=model.state,
@@ -177,14 +212,35 @@ def evaluate_external(
         writer = MetricWriter(stage)
         try:
             ev = {"domain": name, "split": SPLIT, "role": ROLE}
-            rows = dice = None
-            if ext.labels:
+            rows = dice = outputs = None
+            if decisions is not None:
+                # Scored and written on each whole photograph's grid.
+                rows, outputs = photo_eval.score_and_write(
+                    pred,
+                    cases,
+                    user_ext.root / "mask" if ext.labels else None,
+                    ext_info,
+                    ext_config,
+                    os.path.join(stage, PREDICTIONS_DIR),
+                )
+                res = (
+                    photo_eval.scored_result(pred, rows, ext_info, ext_config, ev, step)
+                    if ext.labels
+                    else unscored_result(ev, step, pred, info)
+                )
+                if rows is not None:
+                    dice = {r["case_id"]: {s: r[s]["dice"] for s in info.structures} for r in rows}
+            elif ext.labels:
                 # Exactly as a target evaluator: same grid (eval.resolution), same fields.
                 res, rows = scoring.score_split(pred, ext_info, ext_config, ev, step)
                 dice = {r["case_id"]: {s: r[s]["dice"] for s in info.structures} for r in rows}
             else:
                 res = unscored_result(ev, step, pred, info)
-            res |= _external_fields(config, ext, checkpoint)
+            res |= _external_fields(config, user_ext, checkpoint)
+            extra = doubtful = None
+            if decisions is not None:
+                res |= photo_eval.summary_fields(cases, decisions, skipped, run_framing, framing)
+                extra, doubtful = photo_eval.review_columns(cases)
             choice = (
                 choose_on_source_val(workdir, config, info, thresholds)
                 if qc_score == "auto"
@@ -202,9 +258,10 @@ def evaluate_external(
                 res["qc"]["detection"] = quality.detection_report(
                     qc_rows, dice, choice["score"], thresholds
                 )
-            outputs = write_native_predictions(
-                pred, ext, ext_info, ext_config, os.path.join(stage, PREDICTIONS_DIR)
-            )
+            if outputs is None:
+                outputs = write_native_predictions(
+                    pred, ext, ext_info, ext_config, os.path.join(stage, PREDICTIONS_DIR)
+                )
             size_unit = "mm3" if ext.builder == "prostate" else "pixel"
             review = review_rows(
                 qc_rows,
@@ -214,6 +271,8 @@ def evaluate_external(
                 info,
                 dice,
                 thresholds,
+                extra,
+                doubtful,
             )
             write_review(os.path.join(stage, REVIEW_FILE), review)
             res["review"] = [
@@ -223,6 +282,8 @@ def evaluate_external(
             reports.write_domain_reports(
                 stage_root, name, res, rows, pred, ext_info, ext_config, step, writer
             )
+            if decisions is not None:
+                photo_eval.write_photo_panels(stage, cases, pred, config.eval.num_panels)
             writer.scalars(step, _scalars(name, res))
         finally:
             writer.close()
@@ -286,7 +347,8 @@ def _print_result(res: dict, folder: str) -> None:
     head += f"{res['checkpoint']} at step {res['step']})"
     if res["scored"]:
         dice = ", ".join(f"{s} {sm['dice']['mean']:.4f}" for s, sm in res["structures"].items())
-        print(f"{head}: Dice {dice} (scored on the {res['resolution']} grid)", flush=True)
+        grid = "each photograph's" if "photographs" in res else f"the {res['resolution']}"
+        print(f"{head}: Dice {dice} (scored on {grid} grid)", flush=True)
         det = ", ".join(
             f"{s} AUROC {number(d['auroc'])} ({d['n_fail']}/{d['n']} failing), "
             f"Spearman {number(d['spearman'])}"

@@ -2,6 +2,7 @@
 review.csv that ranks cases most doubtful first."""
 
 import csv
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,6 +80,18 @@ def choose_on_source_val(
 REVIEW_COLUMNS = ("rank", "case_id", "qc_score")
 
 
+def finite_case_score(scores: Mapping[str, float], image_mean: float | None = None) -> float:
+    """A case's QC score, never inf or NaN: the most doubtful of its structures that have a
+    score. A structure predicted empty (or, for `boundary_mean`, without a boundary) has none:
+    `review_rows` ranks it first and names it (`no_prediction`) instead of writing `inf`. With
+    no structure scored: the case's mean uncertainty (`image_mean`), else 1.0 (the top of the
+    uncertainty scale)."""
+    finite = [float(v) for v in scores.values() if math.isfinite(float(v))]
+    if finite:
+        return max(finite)
+    return float(image_mean) if image_mean is not None and math.isfinite(image_mean) else 1.0
+
+
 def review_rows(
     qc_rows: Sequence[Mapping[str, Any]],
     score: str,
@@ -87,19 +100,34 @@ def review_rows(
     info: DatasetInfo,
     dice: Mapping[str, Mapping[str, float]] | None,
     thresholds: Mapping[str, float],
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+    doubtful: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """review.csv's rows: every case, most doubtful first (ties keep the cases' order).
 
-    Columns: rank, case_id, qc_score (the case's), per structure qc_<s> and predicted_<s> (size
-    on the original grid, in `size_unit`), size_unit, and with labels dice_<s> and `fails`
-    (any structure below its threshold).
+    Order: cases with a doubt named in `doubtful` (e.g. a photograph's doubtful localisation),
+    then cases with a structure predicted empty (`no_prediction`), then by `qc_score`.
+
+    Columns: rank, case_id, qc_score (the case's, always finite: `finite_case_score`),
+    no_prediction (the structures predicted empty, '|'-joined), doubt (with `doubtful`), per
+    structure qc_<s> (inf for an empty prediction) and predicted_<s> (size on the original grid,
+    in `size_unit`), size_unit, with labels dice_<s> and `fails` (any structure below its
+    threshold), then the `extra` columns of the case (e.g. `Localisation.as_row()`).
     """
     rows = []
     for r in qc_rows:
         c = r["case_id"]
-        row: dict[str, Any] = {"case_id": c, "qc_score": quality.case_score(r["scores"][score])}
+        scores = r["scores"][score]
+        image_mean = r["scores"].get("image_mean", {})
+        row: dict[str, Any] = {
+            "case_id": c,
+            "qc_score": finite_case_score(scores, max(image_mean.values(), default=None)),
+            "no_prediction": "|".join(s for s in info.structures if not math.isfinite(scores[s])),
+        }
+        if doubtful is not None:
+            row["doubt"] = doubtful.get(c, "")
         for s in info.structures:
-            row[f"qc_{s}"] = r["scores"][score][s]
+            row[f"qc_{s}"] = scores[s]
         for s in info.structures:
             row[f"predicted_{s}"] = sizes[c][s]
         row["size_unit"] = size_unit
@@ -107,14 +135,25 @@ def review_rows(
             for s in info.structures:
                 row[f"dice_{s}"] = dice[c][s]
             row["fails"] = any(dice[c][s] < t for s, t in thresholds.items())
+        if extra is not None:
+            row.update(extra.get(c, {}))
         rows.append(row)
-    order = sorted(range(len(rows)), key=lambda i: -rows[i]["qc_score"])  # stable
+
+    def key(i: int) -> tuple:
+        row = rows[i]
+        return (not row.get("doubt"), not row["no_prediction"], -row["qc_score"])
+
+    order = sorted(range(len(rows)), key=key)  # stable
     return [dict(rank=k + 1, **rows[i]) for k, i in enumerate(order)]
 
 
 def write_review(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    """review.csv (an infinite score, an empty prediction, is written 'inf')."""
+    """review.csv (a structure's own qc_<s> of an empty prediction is written 'inf'; the case's
+    qc_score is finite)."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # Every row's columns, in first-seen order (a folder may mix photographs, with their
+        # localisation columns, and regions).
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
