@@ -199,7 +199,7 @@ def prepare_external(
     info: DatasetInfo,
     config: ml_collections.ConfigDict,
     data_dir: str,
-    builder_kwargs: Mapping[str, Any] | None = None,
+    builder_options: Mapping[str, Any] | None = None,
 ) -> tuple[DatasetInfo, ml_collections.ConfigDict]:
     """Builds the user's folder as the test-only domain `DOMAIN` into `data_dir`.
 
@@ -208,16 +208,17 @@ def prepare_external(
       info: the run's dataset family.
       config: the run's config.
       data_dir: a private TFDS data dir (the build is thrown away afterwards).
-      builder_kwargs: builder arguments (prostate: merge_labels); skip_unpaired is always False.
+      builder_options: the builder's own arguments (prostate: merge_labels); skip_unpaired is
+        always False.
 
     Returns:
       (the family info reading `DOMAIN` through the folder's builder, a copy of `config` that
       reads it: data_dir, data.builder_config and data.builder_options replaced).
     """
-    kwargs = dict(builder_kwargs or {})
+    kwargs = dict(builder_options or {})
     kwargs.pop("skip_unpaired", None)
     if ext.builder == "fundus":
-        build_kwargs = dict(
+        builder_config = dict(
             folder=ext.root.name,
             splits=(SPLIT,),
             layout=ext.layout,
@@ -234,7 +235,7 @@ def prepare_external(
             labels=ext.labels,
         )
     else:
-        build_kwargs = dict(site=ext.root.name, splits=(SPLIT,), labels=ext.labels)
+        builder_config = dict(site=ext.root.name, splits=(SPLIT,), labels=ext.labels)
         merge = {k: v for k, v in kwargs.items() if k == "merge_labels"}
         builder = prostate.prostate_builder(
             ext.root.name,
@@ -265,7 +266,7 @@ def prepare_external(
     # Only the name matters to read a prepared dataset; the fields keep the reader's config
     # faithful to the build (None would mean "as the registered config" to prepare.get_builder).
     ext_config.data.builder_config = ml_collections.ConfigDict(
-        {k: v for k, v in build_kwargs.items() if v is not None}
+        {k: v for k, v in builder_config.items() if v is not None}
     )
     ext_config.data.builder_options = ml_collections.ConfigDict()
     return ext_info, ext_config
