@@ -53,7 +53,6 @@ or `PUSEG_VERBOSE=1` for all of it on the console).
 Only `main` knows about flags; `external.pipeline.evaluate_external` is the function.
 """
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -196,10 +195,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     kwargs = parse_flags(argv)
     # Imported here, after absl's log handler is installed: orbax and grain log on import.
     from puseg_jax.external.pipeline import evaluate_external
+    from puseg_jax.runs.run_folder import RunFolder
 
     # The workdir's log.txt, as a training run's: only in a training workdir, so that a mistyped
     # --workdir stops with its message without becoming a folder.
-    trained = os.path.isfile(os.path.join(kwargs["workdir"], "config.json"))
+    trained = RunFolder(kwargs["workdir"]).has_config()
     with cli.console(kwargs["workdir"] if trained else None):
         return evaluate_external(**kwargs)
 

@@ -9,7 +9,7 @@ validation against the unseen target), the methods' difference on the target, an
 uncertainty is. `./run.sh demo` ends with it.
 """
 
-import json
+import os
 from collections.abc import Sequence
 
 from absl import flags
@@ -17,6 +17,7 @@ from absl import flags
 from puseg_jax.core import cli
 from puseg_jax.evaluators import reports
 from puseg_jax.runs.explain import explain
+from puseg_jax.runs.run_folder import RunFolder
 
 PROG = "python -m puseg_jax.report"
 
@@ -40,11 +41,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise cli.usage_error(PROG, "no runs: RUN/summary.json [RUN2/summary.json ...]")
     summaries = []
     for path in paths:
-        try:
-            with open(path) as f:
-                summaries.append(json.load(f))
-        except FileNotFoundError:
-            raise SystemExit(f"{path} not found: has that run finished its evaluation?") from None
+        # A run folder, or its summary.json as the demo passes it: read by the one run reader.
+        run = RunFolder(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+        if not run.has_summary():
+            raise SystemExit(
+                f"{run.summary_path()} not found: has that run finished its evaluation?"
+            )
+        summaries.append(run.summary())
     with cli.console():
         text = reports.format_table(summaries) + "\n\n" + explain(summaries)
         print(text)

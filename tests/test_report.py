@@ -77,17 +77,20 @@ def test_main_prints_table_and_explanation(tmp_path, capsys):
 
     paths = []
     for sm in (ERM, OURS):
-        path = tmp_path / f"{sm['method']}.json"
+        (tmp_path / sm["method"]).mkdir()
+        path = tmp_path / sm["method"] / "summary.json"
         path.write_text(json.dumps(sm))
         paths.append(str(path))
     text = report.main(paths)
     out = capsys.readouterr().out
     assert out.strip() == text.strip()
+    # A run folder is read as its summary.json (both through runs.run_folder.RunFolder).
+    assert report.main([str(tmp_path / "erm"), paths[1]]) == text
     table, explanation = text.split("\n\n")
     assert len(table.splitlines()) == 2 + 2 * 3
     assert explanation.startswith("Domain gap")
     with pytest.raises(SystemExit, match="has that run finished"):
-        report.main([str(tmp_path / "missing.json")])
+        report.main([str(tmp_path / "missing" / "summary.json")])
     with pytest.raises(SystemExit, match="no runs: RUN/summary.json"):
         report.main([])
     with pytest.raises(SystemExit, match="Unknown command line flag 'table'"):

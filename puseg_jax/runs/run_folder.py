@@ -63,6 +63,10 @@ class RunFolder:
             )
         return ml_collections.ConfigDict(completed)
 
+    def has_config(self) -> bool:
+        """Whether this is a training workdir (config.json exists)."""
+        return os.path.isfile(os.path.join(self.path, CONFIG_FILE))
+
     @functools.cached_property
     def config(self) -> ml_collections.ConfigDict:
         """`load_config()`, read once."""
