@@ -18,6 +18,10 @@ root=$(realpath -m "${2:?usage: cpu_queue.sh QUEUE_FILE ROOT [CODE_DIR]}")
 code=$(realpath "${3:-$(dirname "$0")/../..}")
 py=${PUSEG_PYTHON:-$code/.venv/bin/python}
 mkdir -p "$root"
+# With the kernel's autogroup scheduling (on by default), a process started with setsid is in
+# its own group and `nice` only ranks it within that group: the queue would still take half of
+# the machine from an interactive session. The group's own nice value yields it for real.
+echo 19 >"/proc/$$/autogroup" 2>/dev/null || true
 commit=$(git -C "$code" rev-parse HEAD 2>/dev/null || echo unknown)
 echo "[queue] $(date -Is) queue $queue, root $root, code $code at $commit"
 grep -v '^\s*#' "$queue" | grep -v '^\s*$' | while read -r name args; do
