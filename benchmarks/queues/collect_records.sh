@@ -5,7 +5,7 @@
 # A run is copied once its summary.json exists; the queue's own log comes along.
 set -euo pipefail
 root=${1:?usage: collect_records.sh QUEUE_ROOT DEST}
-dest=${2:?usage: collect_records.sh QUEUE_ROOT DEST}
+dest=$(realpath -m "${2:?usage: collect_records.sh QUEUE_ROOT DEST}")
 mkdir -p "$dest"
 for summary in "$root"/*/summary.json; do
   [ -f "$summary" ] || continue
