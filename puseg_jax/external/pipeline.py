@@ -163,11 +163,14 @@ def evaluate_external(
     stage_root = tempfile.mkdtemp(prefix=f".partial-{name}-", dir=eval_root)
     try:
         mesh = parallel.create_mesh(config.parallel.num_devices)
-        model = restore_for_inference(config, info, workdir, mesh, which=which, step=step)
         _, _, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
+        model = None
 
         # ---- photographs: locate the disc, stage the regions ---------------------------------
         if decisions is not None:
+            # The model finds the disc, so it is restored before the build here; for regions
+            # the build's checks of the user's files come first (a bad folder fails fast).
+            model = restore_for_inference(config, info, workdir, mesh, which=which, step=step)
             run_framing = photo_eval.run_framing(config, info, prepare.resolve_data_dir(config))
             predict_fn = photo_eval.photo_predict_fn(model, config, info, mesh, eval_rng)
             ext, cases, skipped = photo_eval.stage_photographs(
@@ -188,6 +191,8 @@ def evaluate_external(
         )
 
         # ---- predict with the reported checkpoint --------------------------------------------
+        if model is None:
+            model = restore_for_inference(config, info, workdir, mesh, which=which, step=step)
         n_dev = mesh.devices.size
         # Any device count: the batch is padded anyway, so round it up to a multiple.
         ext_config.eval.batch_size = -(-int(config.eval.batch_size) // n_dev) * n_dev
