@@ -7,6 +7,7 @@ the formats of the files are `evaluators.records`'.
 """
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from puseg_jax.evaluators import records
 from puseg_jax.evaluators.records import PerCase, Predictions
 
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"  # written by core.logging_utils.MetricWriter
 
 
 class RunFolder:
@@ -154,6 +156,11 @@ class RunFolder:
     def per_case(self, name: str) -> PerCase:
         """eval/<name>/per_case.csv (`records.read_per_case`)."""
         return records.read_per_case(os.path.join(self.eval_dir(name), records.PER_CASE_FILE))
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """metrics.jsonl: one dict per written step ('step' and its scalars), in file order."""
+        with open(os.path.join(self.path, METRICS_FILE)) as f:
+            return [json.loads(line) for line in f if line.strip()]
 
     def predictions(self, name: str) -> Predictions:
         """eval/<name>/predictions.npz (`records.Predictions.load`: float16 fields as float32)."""

@@ -1,0 +1,72 @@
+"""runs.curves: the source-validation learning curve of a run, from its metrics.jsonl."""
+
+import json
+
+import numpy as np
+import pytest
+
+from puseg_jax.runs import choice, curves
+
+
+def _write_run(path, steps, with_target=True):
+    evals = {
+        "A": {"role": "source_val", "num_cases": 3, "OD": {"dice": 0.0}, "OC": {"dice": 0.0}},
+        "B": {"role": "source_val", "num_cases": 1, "OD": {"dice": 0.0}, "OC": {"dice": 0.0}},
+    }
+    if with_target:
+        evals["T"] = {"role": "target", "num_cases": 5, "OD": {"dice": 0.0}, "OC": {"dice": 0.0}}
+    (path / "summary.json").write_text(json.dumps({"structures": ["OD", "OC"], "evals": evals}))
+    lines = []
+    for i, step in enumerate(steps):
+        lines.append({"step": step, "train/loss": 1.0 / (i + 1)})
+        for name, base in (("A", 0.5), ("B", 0.7), ("T", 0.0)):
+            record = {"step": step}
+            for s, shift in (("OD", 0.2), ("OC", 0.0)):
+                record[f"eval/{name}/{s}/dice"] = base + shift + 0.01 * i
+                record[f"eval/{name}/{s}/hd95"] = 10.0 - i
+            lines.append(record)
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+
+
+def test_curve_pools_sources_by_cases_at_each_step(tmp_path):
+    _write_run(tmp_path, [500, 1000, 1500])
+    curve = curves.source_val_curve(tmp_path)
+    assert [step for step, _ in curve] == [500, 1000, 1500]
+    for i, (_, scores) in enumerate(curve):
+        od = (3 * (0.7 + 0.01 * i) + 1 * (0.9 + 0.01 * i)) / 4
+        oc = (3 * (0.5 + 0.01 * i) + 1 * (0.7 + 0.01 * i)) / 4
+        np.testing.assert_allclose(scores["OD/dice"], od, atol=1e-12)
+        np.testing.assert_allclose(scores["OC/dice"], oc, atol=1e-12)
+        np.testing.assert_allclose(scores["dice"], (od + oc) / 2, atol=1e-12)
+        np.testing.assert_allclose(scores["OD/hd95"], 10.0 - i, atol=1e-12)
+
+
+def test_curve_never_reads_the_target(tmp_path):
+    _write_run(tmp_path, [500, 1000])
+    before = curves.source_val_curve(tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for record in lines:
+        for key in list(record):
+            if key.startswith("eval/T/"):
+                record[key] = -100.0
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert curves.source_val_curve(tmp_path) == before
+
+
+def test_last_point_is_what_the_choice_reads(tmp_path):
+    _write_run(tmp_path, [500, 1000])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for name, base in (("A", 0.5), ("B", 0.7)):
+        summary["evals"][name]["OD"] = {"dice": base + 0.2 + 0.01, "hd95": 9.0}
+        summary["evals"][name]["OC"] = {"dice": base + 0.01, "hd95": 9.0}
+    assert curves.source_val_curve(tmp_path)[-1][1] == pytest.approx(
+        choice.source_val_scores(summary)
+    )
+
+
+def test_a_step_missing_a_source_is_left_out(tmp_path):
+    _write_run(tmp_path, [500, 1000])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    kept = [x for x in lines if not ('"step": 500' in x and "eval/B/" in x)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    assert [step for step, _ in curves.source_val_curve(tmp_path)] == [1000]
