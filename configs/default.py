@@ -91,8 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
     # must be multiples of it; the numbers are those of single steps.
     config.steps_per_call = 1
     # Persistent compilation cache: a second run of the same config loads its compiled steps
-    # from here instead of compiling them ('' = JAX's default, $JAX_COMPILATION_CACHE_DIR).
-    config.compile_cache_dir = ""
+    # instead of compiling them. 'auto': $JAX_COMPILATION_CACHE_DIR when set, else a folder per
+    # jax version and CPU under ~/.cache/puseg_jax (XDG_CACHE_HOME); a path: that folder;
+    # '': off (JAX's default).
+    config.compile_cache_dir = "auto"
 
     # ---- logging, evaluation, checkpoints ----------------------------------------------------
     config.log_every_steps = 50

@@ -20,4 +20,5 @@ def get_config():
     config.eval.num_panels = 1
     config.loss.num_samples = 3
     config.eval.num_samples = 3
+    config.compile_cache_dir = ""  # the tests write nothing outside their temporary folders
     return config

@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# `compile_cache_dir='auto'` (the configs' default) writes under $XDG_CACHE_HOME: a temporary
+# folder of this session, so that the tests leave nothing in the user's home.
+os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="puseg_test_cache_")
 
 from pathlib import Path  # noqa: E402
 

@@ -9,9 +9,16 @@ mask is [B, H, W] int. Two label modes:
 Batch reductions that are ratios of sums (the highlighted loss, soft Dice) must be taken over the
 global batch for 1 and N devices to agree, so they go through `_gsum`, which sums over the named
 data-parallel axis when one is given (`axis_name`), like BatchNorm's statistics.
+Reductions over the T samples (or MC-dropout passes) go through `sum_over_samples` and
+`mean_over_samples`: T - 1 elementwise operations on the slices instead of an XLA reduce over
+the leading axis, which XLA:CPU runs as a slow loop. The training loss's likelihood term is
+`sampled_nll`, the same function as `uncertainty_nll(sample_logits(...))` with a hand-written
+gradient that works slice by slice (benchmarks/README.md, "Where a run's time goes").
+
 See docs/method.md for the formulas.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -158,13 +165,29 @@ def topk_image_loss(ce: jax.Array, fraction: float) -> tuple[jax.Array, jax.Arra
     return jnp.sum(top), jnp.asarray(top.size, jnp.float32)
 
 
-def sample_logits(
-    mu: jax.Array, log_var: jax.Array, rng: jax.Array, num_samples: int, example_ids: jax.Array
+def sample_noise(
+    rng: jax.Array, num_samples: int, example_ids: jax.Array, shape: tuple[int, ...]
 ) -> jax.Array:
-    """z_t = mu + exp(s / 2) * eps_t, [T, B, H, W, K].
+    """eps_t ~ N(0, 1), [T, B, H, W, K] for logits of `shape` [B, H, W, K].
 
     The noise of each example is drawn from `fold_in(rng, example_id)`, with the example's index
     in the global batch, so the draws do not depend on how the batch is split across devices.
+    """
+
+    def one(eid):
+        return jax.random.normal(jax.random.fold_in(rng, eid), (num_samples,) + tuple(shape[1:]))
+
+    # A loop over the examples (`lax.map`), not `vmap`: the same numbers, but the loop's output
+    # is a buffer XLA cannot fuse into the consumers. Under vmap XLA:CPU recomputed the last
+    # stage of the generator (erf_inv) inside each of the likelihood term's forward and
+    # backward loops: 78 ms for noise and likelihood term with their gradient instead of 39.
+    return jnp.swapaxes(jax.lax.map(one, example_ids), 0, 1)
+
+
+def sample_logits(
+    mu: jax.Array, log_var: jax.Array, rng: jax.Array, num_samples: int, example_ids: jax.Array
+) -> jax.Array:
+    """z_t = mu + exp(s / 2) * eps_t, [T, B, H, W, K], with eps from `sample_noise`.
 
     Args:
       mu: logits [B, H, W, K].
@@ -177,13 +200,24 @@ def sample_logits(
     Returns:
       [T, B, H, W, K] float32 logit samples.
     """
-    sigma = jnp.exp(0.5 * log_var)
+    eps = sample_noise(rng, num_samples, example_ids, mu.shape)
+    return mu[None] + jnp.exp(0.5 * log_var)[None] * eps
 
-    def one(eid):
-        return jax.random.normal(jax.random.fold_in(rng, eid), (num_samples,) + mu.shape[1:])
 
-    eps = jax.vmap(one, out_axes=1)(example_ids)
-    return mu[None] + sigma[None] * eps
+def sum_over_samples(x: jax.Array) -> jax.Array:
+    """Sum over the leading (sample) axis, [T, ...] -> [...], as T - 1 elementwise adds.
+
+    The same sum as `jnp.sum(x, axis=0)` up to float rounding (added left to right): on the
+    fundus CPU budget's [10, 8, 128, 128, 2] samples XLA:CPU takes 14 ms for the reduce and
+    0.2 ms for the adds, which it fuses with the producer of `x` (benchmarks/README.md,
+    "Where a run's time goes"). T is small (the samples of a step), so unrolling is cheap.
+    """
+    return functools.reduce(jnp.add, [x[t] for t in range(x.shape[0])])
+
+
+def mean_over_samples(x: jax.Array) -> jax.Array:
+    """`jnp.mean(x, axis=0)` for a small leading sample axis (see `sum_over_samples`)."""
+    return sum_over_samples(x) / x.shape[0]
 
 
 def uncertainty_nll(z: jax.Array, targets: jax.Array, label_mode: str) -> jax.Array:
@@ -204,6 +238,73 @@ def uncertainty_nll(z: jax.Array, targets: jax.Array, label_mode: str) -> jax.Ar
     log_p = jax.vmap(lambda zt: pixel_log_likelihood(zt, targets, label_mode))(z)
     per_group = jax.nn.logsumexp(log_p, axis=0) - jnp.log(z.shape[0])
     return -jnp.sum(per_group, axis=-1)
+
+
+def _log_likelihood_and_score(
+    z: jax.Array, targets: jax.Array, label_mode: str
+) -> tuple[jax.Array, jax.Array]:
+    """log p(y | z) as `pixel_log_likelihood`, and its gradient w.r.t. z: y - p(z).
+
+    For sigmoid each channel is a Bernoulli label (d/dz log p = y - sigmoid(z)); for softmax
+    the one-hot label gives d/dz sum_k y_k log softmax(z)_k = y - softmax(z).
+    """
+    return pixel_log_likelihood(z, targets, label_mode), targets - probabilities(z, label_mode)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def sampled_nll(
+    mu: jax.Array, log_var: jax.Array, eps: jax.Array, targets: jax.Array, label_mode: str
+) -> jax.Array:
+    """`uncertainty_nll(mu + exp(s / 2) * eps, targets)`, [B, H, W], computed sample by sample.
+
+    The same loss and, to float rounding, the same gradients w.r.t. mu and s as automatic
+    differentiation of `uncertainty_nll(sample_logits(...))` (tests/test_losses.py checks both);
+    no gradient reaches eps or targets. Why not autodiff: on CPU, XLA's reduce over the leading
+    sample axis and the transposes of its slices cost 4-50 times the arithmetic (the likelihood
+    term was 114 of the 157 ms that `ours` adds to a fundus CPU-budget step).
+
+    Args:
+      mu: logits [B, H, W, K].
+      log_var: s, [B, H, W, K] or [B, H, W, 1].
+      eps: standard normal noise [T, B, H, W, K] (`sample_noise`).
+      targets: [B, H, W, K] from `targets_from_mask`.
+      label_mode: 'softmax' or 'sigmoid'.
+    """
+    return _sampled_nll_fwd(mu, log_var, eps, targets, label_mode)[0]
+
+
+def _sampled_nll_fwd(mu, log_var, eps, targets, label_mode):
+    sigma = jnp.exp(0.5 * log_var)
+    log_p = jnp.stack([pixel_log_likelihood(mu + sigma * e, targets, label_mode) for e in eps])
+    # Computed once and kept: fused into both of its consumers below (the maximum and the sum
+    # of exponentials), XLA:CPU recomputed it and the forward took 32 ms instead of 8.
+    log_p = list(jax.lax.optimization_barrier(log_p))
+    top = functools.reduce(jnp.maximum, log_p)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    lse = top + jnp.log(functools.reduce(jnp.add, [jnp.exp(lp - top) for lp in log_p]))
+    nll = -jnp.sum(lse - jnp.log(len(eps)), axis=-1)
+    return nll, (mu, log_var, eps, targets, lse)
+
+
+def _sampled_nll_bwd(label_mode, residuals, g):
+    # The barrier keeps XLA from fusing the forward's work into the backward's loops (which
+    # recomputed it per use: 54 ms for forward and backward instead of 15).
+    mu, log_var, eps, targets, lse, g = jax.lax.optimization_barrier((*residuals, g))
+    sigma = jnp.exp(0.5 * log_var)
+    g_mu = g_eps = None
+    for t in range(len(eps)):
+        log_p, score = _log_likelihood_and_score(mu + sigma * eps[t], targets, label_mode)
+        # d nll / d z_t = -g * softmax_t(log p) * (y - p(z_t)), per channel group.
+        c = -g[..., None] * jnp.exp(log_p - lse) * score
+        g_mu = c if g_mu is None else g_mu + c
+        g_eps = c * eps[t] if g_eps is None else g_eps + c * eps[t]
+    g_s = 0.5 * sigma * g_eps
+    if log_var.shape[-1] != g_s.shape[-1]:  # one variance shared by the channels
+        g_s = jnp.sum(g_s, axis=-1, keepdims=True)
+    return g_mu, g_s, None, None
+
+
+sampled_nll.defvjp(_sampled_nll_fwd, _sampled_nll_bwd)
 
 
 def normalized_entropy(probs: jax.Array, label_mode: str) -> jax.Array:
@@ -231,7 +332,7 @@ def normalized_entropy(probs: jax.Array, label_mode: str) -> jax.Array:
 
 def sample_mean_probs(z: jax.Array, label_mode: str) -> jax.Array:
     """p_bar = (1/T) sum_t probabilities(z_t), [B, H, W, K] from samples [T, B, H, W, K]."""
-    return jnp.mean(probabilities(z, label_mode), axis=0)
+    return mean_over_samples(probabilities(z, label_mode))
 
 
 def sigma_uncertainty(log_var: jax.Array) -> jax.Array:
@@ -328,7 +429,7 @@ def uncertainty_map(
     rng: jax.Array,
     label_mode: str,
     example_ids: jax.Array,
-    z: jax.Array | None = None,
+    eps: jax.Array | None = None,
 ) -> jax.Array:
     """U of the method, [B, H, W] in [0, 1]: what the highlighting weights and diagnostics read.
 
@@ -343,7 +444,8 @@ def uncertainty_map(
       rng: the step's sampling key (the one `compute_loss` gets).
       label_mode: 'softmax' or 'sigmoid'.
       example_ids: [B] indices of the examples in the global batch.
-      z: the logit samples when already drawn from `rng` (else drawn here, the same values).
+      eps: the sampling noise when already drawn from `rng` (`sample_noise`; else drawn here,
+        the same values).
 
     Returns:
       [B, H, W] uncertainty, with gradient (callers stop it).
@@ -361,9 +463,13 @@ def uncertainty_map(
                 "mean probabilities of the MC-dropout passes (train.train_step adds them)"
             )
         return normalized_entropy(outputs["mc_probs"], label_mode)
-    if z is None:
-        z = sample_logits(mu, outputs["log_var"], rng, lc.num_samples, example_ids)
-    return normalized_entropy(sample_mean_probs(z, label_mode), label_mode)
+    if eps is None:
+        eps = sample_noise(rng, lc.num_samples, example_ids, mu.shape)
+    # No gradient: U weights the loss as a constant. The samples are formed and averaged slice
+    # by slice (`sum_over_samples`), which XLA fuses into one pass.
+    mu, sigma = jax.lax.stop_gradient((mu, jnp.exp(0.5 * outputs["log_var"])))
+    probs = [probabilities(mu + sigma * e, label_mode) for e in eps]
+    return normalized_entropy(functools.reduce(jnp.add, probs) / len(probs), label_mode)
 
 
 def compute_loss(
@@ -428,9 +534,9 @@ def compute_loss(
             u = uncertainty_map(config, outputs, rng, label_mode, example_ids)
             terms, norm, top_q = "ce", "weighted_mean", 0.0
         else:
-            z = sample_logits(mu, outputs["log_var"], rng, lc.num_samples, example_ids)
-            nll = uncertainty_nll(z, targets, label_mode)
-            u = uncertainty_map(config, outputs, rng, label_mode, example_ids, z=z)
+            eps = sample_noise(rng, lc.num_samples, example_ids, mu.shape)
+            nll = sampled_nll(mu, outputs["log_var"], eps, targets, label_mode)
+            u = uncertainty_map(config, outputs, rng, label_mode, example_ids, eps=eps)
             if lc.uncertainty_source == "boundary_oracle":
                 band = boundary_band.boundary_band(
                     mask, label_mode, mu.shape[-1], lc.oracle_band_px

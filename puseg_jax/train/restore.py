@@ -12,6 +12,7 @@ import ml_collections
 import optax
 
 from puseg_jax import parallel
+from puseg_jax.core import compile_cache
 from puseg_jax.core.datasets import DatasetInfo
 from puseg_jax.model import conv_ops
 from puseg_jax.train import checkpoints, steps
@@ -71,6 +72,7 @@ def restore_for_inference(
     if which not in CHECKPOINT_FOLDERS:
         raise ValueError(f"which must be one of {CHECKPOINT_FOLDERS}, got {which!r}")
     strategy = config.parallel.strategy
+    compile_cache.use_compile_cache(config.get("compile_cache_dir", ""))
     step, raw = checkpoints.load_state(workdir, step, which)
     model = steps.create_model(config, info)
     tx = optax.identity()

@@ -128,7 +128,7 @@ def mc_dropout_mean_probs(
         return losses.probabilities(outputs["logits"], label_mode)
 
     probs = jax.vmap(one)(jnp.arange(num_passes))
-    return jax.lax.stop_gradient(jnp.mean(probs, axis=0))
+    return jax.lax.stop_gradient(losses.mean_over_samples(probs))
 
 
 def step_inputs(
@@ -243,7 +243,7 @@ def eval_step(
             )
             return losses.probabilities(out["logits"], label_mode)
 
-        mean = jnp.mean(jax.vmap(one)(jnp.arange(config.eval.num_samples)), axis=0)
+        mean = losses.mean_over_samples(jax.vmap(one)(jnp.arange(config.eval.num_samples)))
         unc = losses.normalized_entropy(mean, label_mode)
     elif "log_var" in outputs:
         z = losses.sample_logits(

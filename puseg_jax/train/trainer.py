@@ -18,12 +18,11 @@ import jax
 import ml_collections
 import numpy as np
 from clu import parameter_overview
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from puseg_jax import parallel
-from puseg_jax.core import logging_utils
+from puseg_jax.core import compile_cache, logging_utils, timing
 from puseg_jax.data import pipeline, prepare
 from puseg_jax.evaluators import domains, reports
 from puseg_jax.model import conv_ops
@@ -80,23 +79,6 @@ def _source_val_line(step: int, results: dict[str, dict], mean_dice: float) -> s
     return f"[eval] step {step} source_val Dice: {' | '.join(parts)} | mean {mean_dice:.4f}"
 
 
-def use_compile_cache(cache_dir: str) -> None:
-    """Turns on JAX's persistent compilation cache in `cache_dir` ('' leaves JAX's setting, e.g.
-    $JAX_COMPILATION_CACHE_DIR): a second run of the same program loads its compiled steps
-    instead of compiling them.
-
-    Args:
-      cache_dir: the cache directory (created if missing), or ''.
-    """
-    if not cache_dir or jax.config.jax_compilation_cache_dir == cache_dir:
-        return
-    os.makedirs(cache_dir, exist_ok=True)
-    compilation_cache.set_cache_dir(cache_dir)
-    # JAX decides once per process whether the cache is used, at the first compilation: make it
-    # decide again, so that the setting also holds in a process that compiled before (a notebook).
-    compilation_cache.reset_cache()
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains on the source domains, then evaluates every evaluator in `config.evals`.
 
@@ -112,8 +94,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       The summary written to `<workdir>/summary.json`.
     """
     # ---- setup ----------------------------------------------------------------------------------
+    timer = timing.PhaseTimer(inside={"input pipeline": "train steps"})
     info = validate_config(config)
-    use_compile_cache(config.compile_cache_dir)
+    compile_cache.use_compile_cache(config.compile_cache_dir)
     parallel.maybe_initialize_distributed(config)
     parallel.check_strategy(config.parallel.strategy)
     mesh = parallel.create_mesh(config.parallel.num_devices)
@@ -212,11 +195,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch = parallel.shard_batch(host_batch, mesh, strategy)
         values = jax.device_get(p_diagnostics(state, batch, train_rng))
         writer.scalars(step + 1, {f"train/{k}": v for k, v in values.items()})
+        timer.add("diagnostics", time.time() - t0)
         return time.time() - t0
 
     def save(step: int) -> None:
         extra = {"data_state": train_iter.get_state(), "counters": counters}
-        ckpts.save(step, parallel.unreplicate(state, strategy), extra, cfg_json)
+        with timer.phase("checkpoints"):
+            ckpts.save(step, parallel.unreplicate(state, strategy), extra, cfg_json)
+
+    def next_batch() -> dict[str, np.ndarray]:
+        with timer.phase("input pipeline"):
+            return next(train_iter)
 
     def run_evals(names: list[str], step: int, full: bool) -> dict[str, dict]:
         return domains.evaluate_domains(
@@ -253,6 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"{mesh.devices.size} device(s), strategy={strategy}",
         flush=True,
     )
+    timer.add("setup", time.perf_counter() - timer.start)
+    t_loop = time.perf_counter()
     try:
         step = start_step
         while step < num_steps:
@@ -260,14 +251,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if calls > 1 and (step % calls or step + calls > num_steps):
                 calls = 1
             if calls == 1:
-                batch = next(train_iter)
+                batch = next_batch()
                 batch = {"image": batch["image"], "mask": batch["mask"]}
                 paused += diagnose(step, calls, batch)
                 batch = parallel.shard_batch(batch, mesh, strategy)
                 state, metrics = p_train_step(state, batch, train_rng)
                 pending.append((step + 1, metrics, None))
             else:
-                batches = [next(train_iter) for _ in range(calls)]
+                batches = [next_batch() for _ in range(calls)]
                 stacked = {k: np.stack([b[k] for b in batches]) for k in ("image", "mask")}
                 paused += diagnose(step, calls, {k: v[0] for k, v in stacked.items()})
                 batch = parallel.shard_batch(stacked, mesh, strategy, stacked=True)
@@ -279,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 # The first call compiles: the rate (and ETA) counts from its end.
                 jax.block_until_ready(metrics)
                 t_last, step_last, paused = time.time(), step, 0.0
+                timer.add("first call (compilation)", time.perf_counter() - t_loop)
 
             if step % config.log_every_steps == 0 or step == num_steps:
                 fetched, pending = _fetch(pending), []
@@ -326,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 and not (final_step and config.model_selection == "last")
             ):
                 # One console line for all source domains; each evaluator's own line is logged.
-                with logging_utils.stdout_to_log():
+                with logging_utils.stdout_to_log(), timer.phase("periodic evaluation"):
                     results = run_evals(source_val, step, full=False)
                 val_dice = reports.mean_dice(results)
                 if not final_step:
@@ -334,9 +326,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.scalars(step, {"eval/source_val_mean_dice": val_dice})
                 if config.model_selection == "source_val":
                     extra = {"data_state": train_iter.get_state(), "counters": counters}
-                    ckpts.save_best(
-                        step, parallel.unreplicate(state, strategy), extra, cfg_json, val_dice
-                    )
+                    with timer.phase("checkpoints"):
+                        ckpts.save_best(
+                            step, parallel.unreplicate(state, strategy), extra, cfg_json, val_dice
+                        )
             paused += time.time() - t_pause
     except BaseException:
         close()
@@ -344,7 +337,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         preemption.restore()
 
+    # The train steps: the loop's wall time less what was timed inside it apart.
+    apart = ("first call (compilation)", "checkpoints", "periodic evaluation", "diagnostics")
+    loop_s = time.perf_counter() - t_loop
+    timer.add("train steps", loop_s - sum(timer.seconds.get(n, 0.0) for n in apart))
+
     # ---- final evaluation ------------------------------------------------------------------
+    t_final = time.perf_counter()
     selected, step = "last", num_steps
     if config.model_selection == "source_val" and ckpts.latest_step("best") is not None:
         best = restore_for_inference(config, info, workdir, mesh, which="best")
@@ -374,9 +373,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # The selection scalar of the last step (the periodic evaluation was left to this one).
         dice = [summary["evals"][n][s]["dice"] for n in source_val for s in summary["structures"]]
         writer.scalars(num_steps, {"eval/source_val_mean_dice": float(np.mean(dice))})
+    timer.add("final evaluation", time.perf_counter() - t_final)
     summary["skipped_steps"] = counters["skipped_steps"]
-    reports.write_summary(workdir, summary)
-    close()
+    with timer.phase("summary and close"):
+        reports.write_summary(workdir, summary)
+        close()
+    if is_chief:
+        timer.write(workdir)
+        print(timer.line(), flush=True)
     return summary
 
 
