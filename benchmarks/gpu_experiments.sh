@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A leave-one-domain-out suite (docs/results.md) at the fixed CPU budget
-# (configs/<family>.py:<target>,cpu: 128x128, widths 16-256, batch 8, 2000 steps), run on one
-# accelerator host with every (target, variant, seed) as its own concurrent process.
+# (configs/<family>.py:<target>,cpu: 128x128, widths 16-256, batch 8; fundus 4000 steps,
+# prostate 2000), run on one accelerator host with every (target, variant, seed) as its own
+# concurrent process.
 #
 # Usage: [FAMILY=fundus|prostate] [PYTHON=python3] [METHODS="ours erm ..."] [SEEDS="0 1 2"]
 #        [VARIANTS=FILE] [EXTRA="--config.x=y ..."] [COMPARE="A:B ..."] [CHOOSE=1]
