@@ -136,8 +136,14 @@ def test_main_prints_only_its_own_lines_and_logs_everything(tfds_dir, tmp_path_f
     assert not [line for line in console if ABSL_LINE.match(line)]
     assert not [line for line in console if "Shuffling" in line or "Generating" in line]
     assert all(
-        line.startswith(("[prepare]", "[train]", "[eval]", "|")) for line in console if line
+        line.startswith(("[prepare]", "[train]", "[eval]", "[timing]", "|"))
+        for line in console
+        if line
     ), console
+    # The run's last line: where its time went (timing.json has the same).
+    timing = [line for line in console if line.startswith("[timing]")]
+    assert len(timing) == 1 and "train steps" in timing[0]
+    assert result.stdout.strip().splitlines()[-1] == timing[0]
     steps = [line.split()[2] for line in console if line.startswith("[train] step")]
     assert steps == ["12/24", "24/24"]
     # Step 12: one line for the source domains (each evaluator's own line is in the log).
