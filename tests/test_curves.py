@@ -70,3 +70,55 @@ def test_a_step_missing_a_source_is_left_out(tmp_path):
     kept = [x for x in lines if not ('"step": 500' in x and "eval/B/" in x)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     assert [step for step, _ in curves.source_val_curve(tmp_path)] == [1000]
+
+
+def _write_diagnostics(path, steps, shares):
+    """metrics.jsonl with the diagnostics at `steps` (grad_share_top10u = shares[i])."""
+    lines = [{"step": s, "train/loss": 1.0} for s in steps]
+    for s, share in zip(steps, shares, strict=True):
+        lines.append(
+            {
+                "step": s,
+                "train/grad_share_top10u": share,
+                "train/grad_share_band": share / 2,
+                "train/top10u_band_overlap": 0.5,
+                "train/band_fraction": 0.1,
+            }
+        )
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+
+
+def test_highlight_diagnostics_average_the_last_quarter(tmp_path):
+    steps = list(range(0, 4001, 500))  # 0 ... 4000: the last quarter is 3000 < step <= 4000
+    shares = [0.1 * i for i in range(len(steps))]
+    _write_diagnostics(tmp_path, steps, shares)
+    got = curves.highlight_diagnostics(tmp_path)
+    assert got["measurements"] == 2  # 3500 and 4000
+    np.testing.assert_allclose(got["grad_share_top10u"], (0.7 + 0.8) / 2, atol=1e-12)
+    np.testing.assert_allclose(got["grad_share_band"], (0.35 + 0.4) / 2, atol=1e-12)
+    whole = curves.highlight_diagnostics(tmp_path, last_fraction=1.0)
+    assert whole["measurements"] == len(steps) - 1  # step 0 is not after the start
+    np.testing.assert_allclose(whole["grad_share_top10u"], np.mean(shares[1:]), atol=1e-12)
+    with pytest.raises(ValueError):
+        curves.highlight_diagnostics(tmp_path, last_fraction=0.0)
+
+
+def test_highlight_diagnostics_count_a_resumed_step_once(tmp_path):
+    _write_diagnostics(tmp_path, [3500, 4000], [0.2, 0.4])
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # resumed: step 4000 written again
+        f.write(json.dumps({"step": 4000, "train/grad_share_top10u": 0.6}) + "\n")
+    got = curves.highlight_diagnostics(tmp_path)
+    assert got["measurements"] == 2
+    np.testing.assert_allclose(got["grad_share_top10u"], (0.2 + 0.6) / 2, atol=1e-12)
+
+
+def test_highlight_diagnostics_absent(tmp_path):
+    assert curves.highlight_diagnostics(tmp_path) is None  # no metrics.jsonl
+    _write_run(tmp_path, [500, 1000])
+    assert curves.highlight_diagnostics(tmp_path) is None  # metrics without diagnostics
+
+
+def test_diagnostic_keys_are_the_trainers():
+    from puseg_jax.train import diagnostics
+
+    assert curves.DIAGNOSTIC_KEYS == diagnostics.KEYS

@@ -364,3 +364,38 @@ def test_command_line_flags(fake_suite, capsys):
     assert experiments.main(argv) == 0
     data = json.loads((fake_suite / "fundus" / "cpu" / "results.json").read_text())
     assert data["choice"] is None
+
+
+def test_highlight_diagnostics_are_tabulated_per_variant(fake_suite):
+    """Runs that logged the gradient-share diagnostics get their own block: mean over the last
+    quarter of each run, then mean ± std over seeds; runs without them are not listed."""
+    for seed, shares in ((0, (0.30, 0.40)), (1, (0.50, 0.60))):
+        workdir = runs_suite.run_dir(fake_suite, "fundus", "cpu", "Domain1", "ours", seed)
+        lines = [
+            {
+                "step": step,
+                "train/grad_share_top10u": share,
+                "train/grad_share_band": 0.5,
+                "train/top10u_band_overlap": 0.25,
+                "train/band_fraction": 0.1,
+            }
+            for step, share in zip(
+                (100, 3500, 4000), (0.99,) + shares, strict=True
+            )  # step 100: not averaged
+        ]
+        (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    rows = {
+        (r["target"], r["variant"]): r
+        for r in tables.aggregate(tables.collect(fake_suite, "fundus"))
+    }
+    mean, std, n = rows[("Domain1", "ours")]["stats"]["diag/grad_share_top10u"]
+    assert n == 2 and mean == pytest.approx(0.45)
+    assert std == pytest.approx(np.std([0.35, 0.55], ddof=1))
+    assert rows[("Domain1", "erm")]["stats"]["diag/grad_share_top10u"][2] == 0
+    text = tables.format_results("fundus", list(rows.values()), [])
+    block = text.split("## How strong was the highlighting")[1].split("##")[0]
+    assert (
+        "| Domain1 | ours | 2 | 0.450 ± 0.141 | 0.500 ± 0.000 | 0.250 ± 0.000 | 0.100 ± 0.000 |"
+        in block
+    )
+    assert "erm" not in block and "Domain3" not in block

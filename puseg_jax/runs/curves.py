@@ -47,3 +47,49 @@ def source_val_curve(run: str | os.PathLike | RunFolder) -> list[tuple[int, dict
         }
         curve.append((step, source_val_scores(pseudo)))
     return curve
+
+
+# The diagnostics of `train.diagnostics` (`KEYS`), as metrics.jsonl names them. Spelled out here:
+# runs/ reads records and does not import the trainer.
+DIAGNOSTIC_KEYS = ("grad_share_top10u", "grad_share_band", "top10u_band_overlap", "band_fraction")
+
+
+def highlight_diagnostics(
+    run: str | os.PathLike | RunFolder, last_fraction: float = 0.25
+) -> dict[str, float] | None:
+    """How strong the highlighting was in a run: each `train/<key>` of `DIAGNOSTIC_KEYS`
+    averaged over the measurements of the last `last_fraction` of training.
+
+    The last part of training is the one the question of issue 20 is about (hard pixels may only
+    matter once the easy ones are learned); with `last_fraction=1` it is the whole run. A step
+    written twice (a run resumed from a checkpoint logs again the steps after it) counts once,
+    with its last value.
+
+    Returns:
+      {key: mean} and 'measurements' (how many steps were averaged), or None for a run that
+      logged no diagnostics (`loss.diagnostics_every_steps = 0`) or has no metrics.jsonl.
+    """
+    if not 0.0 < last_fraction <= 1.0:
+        raise ValueError(f"last_fraction must be in (0, 1], got {last_fraction}")
+    try:
+        records = open_run(run).metrics()
+    except FileNotFoundError:
+        return None
+    per_step: dict[int, dict[str, float]] = {}
+    for record in records:
+        if f"train/{DIAGNOSTIC_KEYS[0]}" in record:
+            per_step[int(record["step"])] = {
+                k: float(record[f"train/{k}"]) for k in DIAGNOSTIC_KEYS if f"train/{k}" in record
+            }
+    if not per_step:
+        return None
+    last = max(per_step)
+    start = last * (1.0 - last_fraction)
+    kept = [v for step, v in per_step.items() if step > start or step == last]
+    out = {}
+    for k in DIAGNOSTIC_KEYS:
+        vals = [v[k] for v in kept if k in v]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    out["measurements"] = len(kept)
+    return out

@@ -11,6 +11,7 @@ from puseg_jax.core.formatting import mean_std
 from puseg_jax.model import losses
 from puseg_jax.runs import stats
 from puseg_jax.runs.choice import choose_per_target, source_val_rows, source_val_scores
+from puseg_jax.runs.curves import DIAGNOSTIC_KEYS, highlight_diagnostics
 from puseg_jax.runs.run_folder import RunFolder
 from puseg_jax.runs.stats import _mean_std, paired_comparison, target_eval
 
@@ -80,7 +81,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
       Rows with 'target', 'method', 'variant', 'seeds', 'structures', 'distance_unit',
       'resolution' and 'stats' {metric name: (mean, std, n)}; metric names are
       '<structure>/<dice|hd95|asd>' (target), 'auroc_error', 'u_boundary_ratio',
-      'source_val/<structure>/<dice|hd95>', 'source_val_dice' and 'wall_s'.
+      'source_val/<structure>/<dice|hd95>', 'source_val_dice', 'wall_s' and, for runs that
+      logged them, 'diag/<key>' (`curves.highlight_diagnostics`: the last quarter of training).
     """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
@@ -110,6 +112,9 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     values.setdefault(f"source_val/{s}/{m}", []).append(val.get(f"{s}/{m}"))
             values.setdefault("source_val_dice", []).append(val.get("dice"))
             values.setdefault("wall_s", []).append(r["wall_s"])
+            diag = highlight_diagnostics(r["workdir"]) or {}
+            for k in DIAGNOSTIC_KEYS:
+                values.setdefault(f"diag/{k}", []).append(diag.get(k))
         rows.append(
             dict(
                 target=target,
@@ -212,6 +217,7 @@ def format_results(
             cells.append(_cell(_mean_std([r["stats"].get(k, (math.nan,))[0] for r in mine]), d))
         lines.append("| " + " | ".join(cells) + " |")
 
+    lines += _format_diagnostics(rows)
     lines += ["", "## Paired comparisons, per-case target Dice", ""]
     if not paired:
         lines.append("No pair of compared variants has runs with a common seed on one target.")
@@ -243,6 +249,38 @@ def format_results(
     for c in choices or ():
         lines += _format_choice(c)
     return "\n".join(lines) + "\n"
+
+
+_DIAG_COLS = (
+    ("grad_share_top10u", "gradient share, top-10 % U"),
+    ("grad_share_band", "gradient share, boundary band"),
+    ("top10u_band_overlap", "top-10 % U in the band"),
+    ("band_fraction", "band / all pixels"),
+)
+
+
+def _format_diagnostics(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown of how strong the highlighting was, for the rows whose runs logged it."""
+    rows = [r for r in rows if r["stats"].get(f"diag/{DIAGNOSTIC_KEYS[0]}", (0, 0, 0))[2]]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## How strong was the highlighting (training batches, last quarter of training)",
+        "",
+        "Share of the loss gradient |dL/dlogits| on the 10 % most uncertain pixels of each "
+        "image and on the pixels within the boundary band, the share of those uncertain pixels "
+        "that lie in the band, and the band's share of all pixels (train/diagnostics.py); mean "
+        "over the measurements of each run, then mean ± std over seeds.",
+        "",
+        "| target | variant | seeds | " + " | ".join(c for _, c in _DIAG_COLS) + " |",
+        "|" + "---|" * (3 + len(_DIAG_COLS)),
+    ]
+    for r in rows:
+        cells = [r["target"], r["variant"], str(r["stats"][f"diag/{DIAGNOSTIC_KEYS[0]}"][2])]
+        cells += [_cell(r["stats"][f"diag/{k}"], 3) for k, _ in _DIAG_COLS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _format_choice(choice: dict[str, Any]) -> list[str]:
