@@ -191,6 +191,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         """Logs the diagnostics of train step `step + 1` when due; returns the seconds spent."""
         if not diagnostics.due(step, calls, diag_every):
             return 0.0
+        # The train steps dispatched so far finish first, outside the pause: the diagnostics
+        # would otherwise wait for them inside it, and their time would leave the rate, the ETA
+        # and timing.json's train steps for 'diagnostics'.
+        jax.block_until_ready(state)
         t0 = time.time()
         batch = parallel.shard_batch(host_batch, mesh, strategy)
         values = jax.device_get(p_diagnostics(state, batch, train_rng))
