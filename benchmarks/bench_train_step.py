@@ -100,6 +100,8 @@ def build_jax(cfg):
 
     if cfg.get("plan"):
         conv_ops.set_cpu_plan(cfg["plan"])
+    if cfg.get("ynn") is not None:
+        conv_ops.set_eigen_ynn_fusions(cfg["ynn"])
     if cfg.get("cache"):
         jax.config.update("jax_compilation_cache_dir", cfg["cache"])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -492,6 +494,8 @@ def label(cfg):
             name += f" {cfg['spc']} steps/call"
         if cfg.get("plan"):
             name += f" plan={cfg['plan']}"
+        if cfg.get("ynn") is not None:
+            name += f" ynn='{cfg['ynn']}'"
         if cfg.get("pad_in"):
             name += f" input padded to {cfg['pad_in']} ch"
         if cfg.get("xla_flags"):
@@ -811,8 +815,9 @@ def main():
         action="append",
         default=[],
         help="one more JAX worker per shape, a JSON object: impl, dtype, spc (steps per call),"
-        " remat, devices, pad_in, xla_flags, plan (conv_ops CPU plan), batch, shapes (the"
-        " shapes it runs at)",
+        " remat, devices, pad_in, xla_flags, plan (conv_ops CPU plan), ynn (the fusion types"
+        " the 'eigen' plan hands to YNNPACK, conv_ops.set_eigen_ynn_fusions), batch, shapes"
+        " (the shapes it runs at)",
     )
     parser.add_argument(
         "--torch-config",

@@ -1,7 +1,8 @@
 """Where a train step's time goes: the U-Net's forward/backward against the method's own part.
 
 The fundus CPU budget (`configs/fundus.py:Domain1,cpu`: batch 8, 128x128, widths 16-256,
-sigmoid OD/OC, T = 10) on one CPU device and a fixed random batch. Each part is its own jitted
+sigmoid OD/OC, T = 10; `--config Domain1` for the paper shape: 256x256, widths 32-512) on one
+CPU device and a fixed random batch. Each part is its own jitted
 function, compiled first, then all parts are timed in turn, round after round (so a shared
 machine's load falls on all of them alike); reported: the median over rounds.
 
@@ -16,7 +17,8 @@ machine's load falls on all of them alike); reported: the median over rounds.
   ... U               the normalised entropy of the sample-mean probabilities (no gradient)
   optimizer           `state.apply_gradients` (Adam) with fixed gradients
 
-  PYTHONPATH=. python benchmarks/profile_step.py [--rounds 5] [--reps 3] [--json OUT]
+  PYTHONPATH=. python benchmarks/profile_step.py [--config Domain1,cpu] [--rounds 5] [--reps 3]
+      [--json OUT]
 """
 
 import argparse
@@ -32,13 +34,13 @@ import numpy as np
 from benchmarks.bench_variants import cpu_name
 from configs import fundus
 from puseg_jax import parallel
-from puseg_jax.model import losses
+from puseg_jax.model import conv_ops, losses
 from puseg_jax.train import config as train_config
 from puseg_jax.train import steps
 
 
-def _setup(method: str):
-    config = fundus.get_config("Domain1,cpu")
+def _setup(method: str, config_arg: str):
+    config = fundus.get_config(config_arg)
     config.method = method
     config.parallel.num_devices = 1
     info = train_config.validate_config(config)
@@ -49,11 +51,13 @@ def _setup(method: str):
 
 def _on_axis(f, mesh, nargs):
     """jit(shard_map(f)) on the one-device mesh, everything replicated: BatchNorm's and the
-    loss's reductions over `parallel.AXIS` then resolve as in the trainer."""
+    loss's reductions over `parallel.AXIS` then resolve as in the trainer; compiled with the
+    CPU plan's options, as the trainer compiles the step."""
     from jax.sharding import PartitionSpec as P
 
     return jax.jit(
-        jax.shard_map(f, mesh=mesh, in_specs=(P(),) * nargs, out_specs=P(), check_vma=False)
+        jax.shard_map(f, mesh=mesh, in_specs=(P(),) * nargs, out_specs=P(), check_vma=False),
+        compiler_options=conv_ops.compiler_options("auto"),
     )
 
 
@@ -62,8 +66,10 @@ def _call(f, *args):
     return functools.partial(lambda *a: jax.block_until_ready(f(*a)), *args)
 
 
-def _method_parts(method: str, batch: dict[str, np.ndarray], rng) -> dict[str, callable]:
-    config, info, state = _setup(method)
+def _method_parts(
+    method: str, batch: dict[str, np.ndarray], rng, config_arg: str
+) -> dict[str, callable]:
+    config, info, state = _setup(method, config_arg)
     mesh = parallel.create_mesh(1)
     image = jnp.asarray(batch["image"])
     out = {}
@@ -71,6 +77,7 @@ def _method_parts(method: str, batch: dict[str, np.ndarray], rng) -> dict[str, c
         functools.partial(steps.train_step, config=config, label_mode=info.label_mode),
         mesh,
         "jit",
+        compiler_options=conv_ops.compiler_options(config.model.conv_impl),
     )
     # The step donates its state: it gets a copy, the other parts keep `state`.
     holder = {"state": parallel.replicate(jax.tree.map(jnp.copy, state), mesh, "jit")}
@@ -147,27 +154,32 @@ def _ours_parts(config, info, outputs, mask, rng, ids) -> dict[str, callable]:
     }
 
 
-def parts(batch: dict[str, np.ndarray]) -> dict[str, callable]:
+def parts(batch: dict[str, np.ndarray], config_arg: str = "Domain1,cpu") -> dict[str, callable]:
     """name -> a function of no arguments that runs the part once and blocks on its result."""
     rng = jax.random.key(1)
     out = {}
     for method in ("ours", "erm"):
-        out.update(_method_parts(method, batch, rng))
+        out.update(_method_parts(method, batch, rng, config_arg))
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", default="Domain1,cpu", help="configs/fundus.py argument (Domain1: paper)"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=3, help="calls per part and round")
     parser.add_argument("--json", default=None, help="write the medians here")
     args = parser.parse_args()
     rs = np.random.default_rng(0)
+    config = fundus.get_config(args.config)
+    n, size = config.batch_size, config.data.image_size
     batch = {
-        "image": rs.standard_normal((8, 128, 128, 3)).astype(np.float32),
-        "mask": rs.integers(0, 3, (8, 128, 128)).astype(np.int32),
+        "image": rs.standard_normal((n, size, size, 3)).astype(np.float32),
+        "mask": rs.integers(0, 3, (n, size, size)).astype(np.int32),
     }
-    fns = parts(batch)
+    fns = parts(batch, args.config)
     compile_s = {}
     for name, fn in fns.items():
         t = time.perf_counter()
@@ -181,7 +193,11 @@ def main() -> None:
                 fn()
             times[name].append((time.perf_counter() - t) / args.reps)
     med = {name: statistics.median(v) for name, v in times.items()}
-    print(f"\n{cpu_name()}, jax {jax.__version__}, {args.rounds} rounds x {args.reps} calls")
+    print(
+        f"\n{cpu_name()}, jax {jax.__version__}, CPU plan {conv_ops.cpu_plan()}, "
+        f"configs/fundus.py:{args.config} "
+        f"({n}x{size}x{size}), {args.rounds} rounds x {args.reps} calls"
+    )
     print("| part | ms (median) | min | max | share of its full step | first call s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, v in times.items():
@@ -193,7 +209,8 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_name(), "median_s": med, "first_call_s": compile_s}, f, indent=1)
+            record = {"cpu": cpu_name(), "config": args.config, "median_s": med}
+            json.dump({**record, "first_call_s": compile_s}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def test_cpu_plan_choice_and_errors(monkeypatch):
     monkeypatch.setenv("PUSEG_CPU_CONV_PLAN", "eigen")
     assert conv_ops.cpu_plan() == "eigen"
     options = conv_ops.compiler_options("fast")
-    assert options == {"xla_cpu_experimental_ynn_fusion_type": conv_ops._YNN_WITHOUT_CONVOLUTIONS}
+    assert options == {"xla_cpu_experimental_ynn_fusion_type": conv_ops._YNN_FUSIONS["eigen"]}
     assert conv_ops.compiler_options("xla") is None
     # XLA accepts the option (a wrong name or value would fail here, at compilation).
     assert float(jax.jit(lambda x: x * 2, compiler_options=options)(1.0)) == 2.0
@@ -213,8 +213,19 @@ def test_cpu_plan_choice_and_errors(monkeypatch):
     assert conv_ops.cpu_plan() == "im2col" and conv_ops.compiler_options("fast") is None
     monkeypatch.setattr(conv_ops, "_cpu_plan", None)
     monkeypatch.delenv("PUSEG_CPU_CONV_PLAN")
-    flags = conv_ops._cpu_flags()
-    assert conv_ops.cpu_plan() == ("eigen" if "avx512f" in flags else "im2col")
+    assert conv_ops.cpu_plan() == conv_ops.auto_plan(*conv_ops._cpu_info())
+    # The rule per CPU kind (the vendor and flags of the machines measured).
+    assert conv_ops.auto_plan("AuthenticAMD", {"avx2", "fma"}) == "im2col"  # EPYC Zen 3
+    assert conv_ops.auto_plan("AuthenticAMD", {"avx2", "avx512f"}) == "eigen_reduce"  # Zen 4
+    assert conv_ops.auto_plan("GenuineIntel", {"avx2", "avx512f", "amx_tile"}) == "eigen"
+    assert conv_ops.auto_plan("", set()) == "im2col"
+    # 'eigen_reduce' leaves only the reductions on YNNPACK, and XLA accepts that value too.
+    monkeypatch.setattr(conv_ops, "_cpu_plan", None)
+    monkeypatch.setenv("PUSEG_CPU_CONV_PLAN", "eigen_reduce")
+    options = conv_ops.compiler_options("fast")
+    assert options == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+    assert float(jax.jit(lambda x: x * 2, compiler_options=options)(1.0)) == 2.0
+    monkeypatch.delenv("PUSEG_CPU_CONV_PLAN")
     monkeypatch.setattr(conv_ops, "_cpu_plan", None)
     monkeypatch.setenv("PUSEG_CPU_CONV_PLAN", "mkl")
     with pytest.raises(ValueError, match="PUSEG_CPU_CONV_PLAN='mkl'"):

@@ -32,13 +32,16 @@ measurements on each CPU kind (`cpu_plan`, benchmarks/README.md):
 
   * 'im2col' (AVX2 CPUs, e.g. the 2-core AMD EPYC Zen 3): the chunked im2col above; XLA's
     convolutions run through its default library (YNNPACK).
-  * 'eigen' (AVX-512 CPUs, measured on a 2-core Xeon with AVX-512 and AMX): XLA's own weight
-    gradient, with the compiler option that takes convolutions off YNNPACK
+  * 'eigen' (Intel CPUs with AVX-512, measured on a 2-core Xeon with AVX-512 and AMX): XLA's
+    own weight gradient, with the compiler option that takes convolutions off YNNPACK
     (`compiler_options`): there YNNPACK's weight gradient is 2.7x slower than Eigen's, the chunked
     im2col 2.3x, and Eigen's forward and input gradient are ~10% faster than YNNPACK's, while
     YNNPACK keeps the elementwise and reduction fusions (BatchNorm), where it is 2.3x faster.
     The option only takes effect in a jit that passes `compiler_options(impl)`, as the train and
     eval steps do (parallel.py).
+  * 'eigen_reduce' (AMD CPUs with AVX-512, measured on a 2-core AMD EPYC Zen 4): as 'eigen', but
+    only the reductions stay on YNNPACK: there its elementwise fusions made the whole fundus
+    step 1.3x slower (0.76x -> 0.98x PyTorch channels_last; prostate 0.70x -> 0.94x).
 
 This module imports only jax and flax: `benchmarks/gpu.sh` runs it on a machine without the
 project's other dependencies.
@@ -55,7 +58,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 IMPLS = ("xla", "fast")
-CPU_PLANS = ("im2col", "eigen")
+CPU_PLANS = ("im2col", "eigen", "eigen_reduce")
 
 # Pixels (rows of the patch matrix) per chunk of the weight-gradient reduction. 2048 pixels of
 # 9 * 64 float32 patches are 4.7 MB: within the L3 cache, large enough for an efficient product.
@@ -80,44 +83,64 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-# XLA:CPU library fusions the 'eigen' plan keeps on YNNPACK: the default set without
-# LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION (measured in benchmarks/README.md).
-_YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"
+# XLA:CPU library fusions each plan with XLA's own weight gradient keeps on YNNPACK (the value
+# of `xla_cpu_experimental_ynn_fusion_type`; measured in benchmarks/README.md): convolutions are
+# never among them (they run with Eigen); the elementwise fusions only on the Intel Xeon, where
+# YNNPACK ran BatchNorm + ReLU 2.3x faster, not on the AMD EPYC (Zen 4), where they made the
+# whole step 1.3x slower (the max-pool and the elementwise chains of the backward pass).
+_YNN_FUSIONS = {
+    "eigen": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
+    "eigen_reduce": "LIBRARY_FUSION_TYPE_REDUCE",
+}
 _cpu_plan: str | None = None
+_eigen_ynn: str | None = None  # `set_eigen_ynn_fusions`: benchmarks compare other sets
 
 
-def _cpu_flags() -> set[str]:
+def _cpu_info() -> tuple[str, set[str]]:
+    """(vendor_id, flags) of the first CPU in /proc/cpuinfo; ('', set()) where unreadable."""
+    vendor, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith("vendor_id") and not vendor:
+                    vendor = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return set()
+    return vendor, flags
+
+
+def auto_plan(vendor: str, flags: set[str]) -> str:
+    """The plan for a CPU of this vendor and these flags: 'im2col' without AVX-512,
+    'eigen_reduce' on AMD CPUs with it, 'eigen' on other CPUs with it (each measured fastest on
+    that kind: benchmarks/README.md)."""
+    if "avx512f" not in flags:
+        return "im2col"
+    return "eigen_reduce" if vendor == "AuthenticAMD" else "eigen"
 
 
 def cpu_plan() -> str:
-    """The 'fast' path's weight-gradient plan on this CPU: 'im2col' or 'eigen'.
+    """The 'fast' path's plan on this CPU: 'im2col', 'eigen' or 'eigen_reduce'.
 
-    Set by $PUSEG_CPU_CONV_PLAN or `set_cpu_plan`; otherwise 'eigen' on CPUs with AVX-512
-    (avx512f) and 'im2col' elsewhere: each is what was measured fastest on that kind of CPU
-    (module docstring). Decided once per process.
+    Set by $PUSEG_CPU_CONV_PLAN or `set_cpu_plan`; otherwise `auto_plan` of this CPU: what was
+    measured fastest on that kind of CPU (module docstring). Decided once per process.
 
     Returns:
-      'im2col' or 'eigen'.
+      One of `CPU_PLANS`.
     """
     global _cpu_plan
     if _cpu_plan is None:
         plan = os.environ.get("PUSEG_CPU_CONV_PLAN", "")
         if plan and plan not in CPU_PLANS:
             raise ValueError(f"PUSEG_CPU_CONV_PLAN={plan!r}; expected one of {CPU_PLANS}")
-        _cpu_plan = plan or ("eigen" if "avx512f" in _cpu_flags() else "im2col")
+        _cpu_plan = plan or auto_plan(*_cpu_info())
     return _cpu_plan
 
 
 def set_cpu_plan(plan: str | None) -> None:
-    """Forces the CPU plan ('im2col' or 'eigen'; None: back to the automatic choice). Affects
+    """Forces the CPU plan (one of `CPU_PLANS`; None: back to the automatic choice). Affects
     functions traced afterwards (benchmarks and tests compare the plans with it)."""
     global _cpu_plan
     if plan is not None and plan not in CPU_PLANS:
@@ -132,12 +155,22 @@ def compiler_options(impl: str = "auto") -> dict[str, str] | None:
       impl: the model's conv_impl ('auto', 'xla' or 'fast').
 
     Returns:
-      For 'fast' on the CPU under the 'eigen' plan, the option that runs the convolutions with
-      Eigen instead of YNNPACK; otherwise None.
+      For 'fast' on the CPU under an 'eigen' plan, the option that runs the convolutions with
+      Eigen instead of YNNPACK and names the fusions that stay on YNNPACK; otherwise None.
     """
-    if resolve_impl(impl) == "fast" and jax.default_backend() == "cpu" and cpu_plan() == "eigen":
-        return {"xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS}
+    plan = cpu_plan()
+    if resolve_impl(impl) == "fast" and jax.default_backend() == "cpu" and plan in _YNN_FUSIONS:
+        ynn = _YNN_FUSIONS[plan] if _eigen_ynn is None else _eigen_ynn
+        return {"xla_cpu_experimental_ynn_fusion_type": ynn}
     return None
+
+
+def set_eigen_ynn_fusions(types: str | None) -> None:
+    """Sets the XLA:CPU library fusions the 'eigen' plans leave on YNNPACK (a comma-separated
+    list of LIBRARY_FUSION_TYPE_* names, '' for none; None: back to the default). For benchmarks
+    that compare sets; affects functions compiled afterwards."""
+    global _eigen_ynn
+    _eigen_ynn = types
 
 
 def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -228,7 +261,7 @@ def _conv3x3_fast_fwd(x, kernel):
 
 def _conv3x3_fast_bwd(residuals, g):
     x, kernel = residuals
-    if cpu_plan() == "eigen":
+    if cpu_plan() in _YNN_FUSIONS:
         # XLA's own gradients, as under plain autodiff (fast under `compiler_options`).
         _, conv_vjp = jax.vjp(_conv_same, x, kernel)
         return conv_vjp(g)

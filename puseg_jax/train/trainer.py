@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from clu import parameter_overview
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -162,6 +163,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- compile ----------------------------------------------------------------------------
     options = conv_ops.compiler_options(config.model.conv_impl)
+    impl = conv_ops.resolve_impl(config.model.conv_impl)
+    plan = f", CPU plan {conv_ops.cpu_plan()}" if impl == "fast" else ""
+    logging.info("convolutions: impl %s%s, compiler options %s", impl, plan, options)
     step_fn = functools.partial(train_step, config=config, label_mode=info.label_mode)
     p_train_step = parallel.wrap_train_step(step_fn, mesh, strategy, compiler_options=options)
     steps_per_call = config.steps_per_call
