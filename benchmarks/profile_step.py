@@ -49,15 +49,15 @@ def _setup(method: str, config_arg: str):
     return config, info, state
 
 
-def _on_axis(f, mesh, nargs):
+def _on_axis(f, mesh, nargs, options):
     """jit(shard_map(f)) on the one-device mesh, everything replicated: BatchNorm's and the
-    loss's reductions over `parallel.AXIS` then resolve as in the trainer; compiled with the
-    CPU plan's options, as the trainer compiles the step."""
+    loss's reductions over `parallel.AXIS` then resolve as in the trainer; compiled with
+    `options` (the CPU plan's, as the trainer compiles the step)."""
     from jax.sharding import PartitionSpec as P
 
     return jax.jit(
         jax.shard_map(f, mesh=mesh, in_specs=(P(),) * nargs, out_specs=P(), check_vma=False),
-        compiler_options=conv_ops.compiler_options("auto"),
+        compiler_options=options,
     )
 
 
@@ -73,11 +73,12 @@ def _method_parts(
     mesh = parallel.create_mesh(1)
     image = jnp.asarray(batch["image"])
     out = {}
+    options = conv_ops.compiler_options(config.model.conv_impl)
     step = parallel.wrap_train_step(
         functools.partial(steps.train_step, config=config, label_mode=info.label_mode),
         mesh,
         "jit",
-        compiler_options=conv_ops.compiler_options(config.model.conv_impl),
+        compiler_options=options,
     )
     # The step donates its state: it gets a copy, the other parts keep `state`.
     holder = {"state": parallel.replicate(jax.tree.map(jnp.copy, state), mesh, "jit")}
@@ -93,7 +94,7 @@ def _method_parts(
     def forward(v):
         return state.apply_fn(v, image, train=True, mutable=["batch_stats"])
 
-    outputs, _ = _on_axis(forward, mesh, 1)(variables)
+    outputs, _ = _on_axis(forward, mesh, 1, options)(variables)
     cot = jax.tree.map(lambda x: jax.random.normal(jax.random.key(2), x.shape, x.dtype), outputs)
 
     def unet(params, batch_stats):
@@ -104,7 +105,7 @@ def _method_parts(
         return jax.value_and_grad(f, has_aux=True)(params)
 
     out[f"{method}: U-Net fwd+bwd"] = _call(
-        _on_axis(unet, mesh, 2), state.params, state.batch_stats
+        _on_axis(unet, mesh, 2, options), state.params, state.batch_stats
     )
     mask = jnp.asarray(batch["mask"])
     ids = jnp.arange(image.shape[0])
@@ -117,7 +118,7 @@ def _method_parts(
 
         return jax.value_and_grad(f)(outputs)
 
-    out[f"{method}: loss fwd+bwd"] = _call(_on_axis(loss, mesh, 1), outputs)
+    out[f"{method}: loss fwd+bwd"] = _call(_on_axis(loss, mesh, 1, options), outputs)
     grads = jax.tree.map(jnp.ones_like, state.params)
     out[f"{method}: optimizer"] = _call(
         jax.jit(lambda s, g: s.apply_gradients(grads=g).params), state, grads

@@ -158,11 +158,13 @@ def compiler_options(impl: str = "auto") -> dict[str, str] | None:
       For 'fast' on the CPU under an 'eigen' plan, the option that runs the convolutions with
       Eigen instead of YNNPACK and names the fusions that stay on YNNPACK; otherwise None.
     """
+    if resolve_impl(impl) != "fast" or jax.default_backend() != "cpu":
+        return None
     plan = cpu_plan()
-    if resolve_impl(impl) == "fast" and jax.default_backend() == "cpu" and plan in _YNN_FUSIONS:
-        ynn = _YNN_FUSIONS[plan] if _eigen_ynn is None else _eigen_ynn
-        return {"xla_cpu_experimental_ynn_fusion_type": ynn}
-    return None
+    if plan not in _YNN_FUSIONS:
+        return None
+    ynn = _YNN_FUSIONS[plan] if _eigen_ynn is None else _eigen_ynn
+    return {"xla_cpu_experimental_ynn_fusion_type": ynn}
 
 
 def set_eigen_ynn_fusions(types: str | None) -> None:
