@@ -244,3 +244,23 @@ def test_fast_rejects_other_convolutions():
         nn.Conv(4, (5, 5), conv_general_dilated=conv_ops.fast_conv_general_dilated).init(
             jax.random.key(0), x
         )
+
+
+def test_weight_grad_benchmark_formulations_agree(capsys):
+    """benchmarks/bench_weight_grad.py: each formulation it times gives XLA's weight gradient
+    (the script stops on a relative error over 1e-4), including multi-band scans."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_weight_grad
+
+    variants = [v for v in bench_weight_grad.VARIANTS if v != "torch"] + ["im2col/64"]
+    bench_weight_grad.main(
+        ["--layers", "2x8x8x3x5", "2x16x16x4x2", "--reps", "1", "--variants", *variants]
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x")]
+    assert len(rows) == 2 and all(row.count("|") == len(variants) + 2 for row in rows)
+    # cols3_scan/16 needs the height to be a multiple of 16: skipped ('-') at 8, run at 16.
+    assert rows[0].split("|")[1 + variants.index("cols3_scan/16") + 1].strip() == "-"
+    assert rows[1].split("|")[1 + variants.index("cols3_scan/16") + 1].strip() != "-"
