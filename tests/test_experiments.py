@@ -3,6 +3,7 @@
 import csv
 import importlib
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -399,3 +400,27 @@ def test_highlight_diagnostics_are_tabulated_per_variant(fake_suite):
         in block
     )
     assert "erm" not in block and "Domain3" not in block
+
+
+def test_a_resumed_run_sums_its_wall_time_segments(tmp_path):
+    """execute_run: each process of a run (one per session of a queue) adds a segment, so the
+    table's wall column is the whole run, not its last stretch; an older record counts as one."""
+    suite = runs_suite
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    # A record from before segments were kept: one segment of 100 s.
+    old = {"wall_s": 100.0, "returncode": -9, "started": "2026-12-07T10:00:00", "command": []}
+    (workdir / "wall_time.json").write_text(json.dumps(old))
+    run = {k: "x" for k in suite.RUN_KEYS} | {"workdir": str(workdir)}
+    run["command"] = [sys.executable, "-c", "import time; time.sleep(0.3)"]
+    first = suite.execute_run(run)
+    assert [s["returncode"] for s in first["segments"]] == [-9, 0]
+    assert first["started"] == "2026-12-07T10:00:00"
+    assert 100.3 <= first["wall_s"] < 110
+    run["command"] = [sys.executable, "-c", "raise SystemExit(3)"]
+    second = suite.execute_run(run)
+    assert json.loads((workdir / "wall_time.json").read_text()) == second
+    assert [s["returncode"] for s in second["segments"]] == [-9, 0, 3]
+    assert second["returncode"] == 3
+    assert second["wall_s"] == round(sum(s["wall_s"] for s in second["segments"]), 1)
+    assert second["wall_s"] >= first["wall_s"]

@@ -161,13 +161,29 @@ def plan_runs(
 RUN_KEYS = ("family", "suite", "target", "method", "variant", "overrides", "seed")
 
 
+def _previous_segments(path: Path) -> list[dict[str, Any]]:
+    """The segments an earlier, interrupted process of this run recorded (none if it never ran;
+    a record from before segments were kept counts as one)."""
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    if "segments" in record:
+        return list(record["segments"])
+    keys = ("started", "wall_s", "returncode")
+    return [{k: record[k] for k in keys if k in record}]
+
+
 def execute_run(run: dict[str, Any]) -> dict[str, Any]:
     """Runs one training-and-evaluation process, its output going to `<workdir>/log.txt`.
 
     Writes `<workdir>/run.json` (what the run is: `RUN_KEYS` and the command) first.
 
+    A run that resumes (a queue stopped with the session) adds a segment: the record keeps every
+    segment's start and seconds, and `wall_s` is their sum, the run's whole wall time.
+
     Returns:
-      The record also written to `<workdir>/wall_time.json`: wall seconds, return code, command.
+      The record also written to `<workdir>/wall_time.json`: wall seconds, return code, command,
+      segments.
     """
     workdir = Path(run["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
@@ -178,11 +194,18 @@ def execute_run(run: dict[str, Any]) -> dict[str, Any]:
         log.write(f"\n$ {' '.join(run['command'])}\n")
         log.flush()
         rc = subprocess.call(run["command"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    record = {
+    segment = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "wall_s": round(time.time() - started, 1),
         "returncode": rc,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+    }
+    segments = _previous_segments(workdir / "wall_time.json") + [segment]
+    record = {
+        "wall_s": round(sum(s["wall_s"] for s in segments), 1),
+        "returncode": rc,
+        "started": segments[0]["started"],
         "command": run["command"],
+        "segments": segments,
     }
     with open(workdir / "wall_time.json", "w") as f:
         json.dump(record, f, indent=2)
