@@ -403,8 +403,13 @@ def test_highlight_diagnostics_are_tabulated_per_variant(fake_suite):
 
 
 def test_a_resumed_run_sums_its_wall_time_segments(tmp_path):
-    """execute_run: each process of a run (one per session of a queue) adds a segment, so the
-    table's wall column is the whole run, not its last stretch; an older record counts as one."""
+    """execute_run: each process of a run (one per session of a queue) is a segment, so the
+    table's wall column is the whole run, not its last stretch: an older record counts as one
+    segment, and a process killed with its session (its segment left open) is closed at the last
+    write to its log.txt."""
+    import os
+    import time
+
     suite = runs_suite
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -417,10 +422,38 @@ def test_a_resumed_run_sums_its_wall_time_segments(tmp_path):
     assert [s["returncode"] for s in first["segments"]] == [-9, 0]
     assert first["started"] == "2026-12-07T10:00:00"
     assert 100.3 <= first["wall_s"] < 110
+    assert json.loads((workdir / "wall_time.json").read_text()) == first
+
+    # A process killed before it could close its segment: what execute_run left on disk while
+    # it ran, with the log last written 30 s after that segment started.
+    killed_start = time.time() - 50.0
+    open_segment = {
+        "started": "t",
+        "started_unix": killed_start,
+        "wall_s": None,
+        "returncode": None,
+    }
+    running = first | {"segments": first["segments"] + [open_segment]}
+    (workdir / "wall_time.json").write_text(json.dumps(running))
+    os.utime(workdir / "log.txt", (killed_start + 30.0, killed_start + 30.0))
     run["command"] = [sys.executable, "-c", "raise SystemExit(3)"]
     second = suite.execute_run(run)
     assert json.loads((workdir / "wall_time.json").read_text()) == second
-    assert [s["returncode"] for s in second["segments"]] == [-9, 0, 3]
+    assert [s["returncode"] for s in second["segments"]] == [-9, 0, None, 3]
+    assert second["segments"][2]["wall_s"] == pytest.approx(30.0, abs=0.2)
+    assert "killed" in second["segments"][2]["ended"]
     assert second["returncode"] == 3
-    assert second["wall_s"] == round(sum(s["wall_s"] for s in second["segments"]), 1)
-    assert second["wall_s"] >= first["wall_s"]
+    assert second["wall_s"] == pytest.approx(sum(s["wall_s"] for s in second["segments"]), abs=0.2)
+    assert second["wall_s"] >= first["wall_s"] + 30.0
+
+
+def test_a_running_process_leaves_its_segment_open(tmp_path):
+    """While the process runs, wall_time.json holds its open segment (what a kill leaves)."""
+    workdir = tmp_path / "run"
+    run = {k: "x" for k in runs_suite.RUN_KEYS} | {"workdir": str(workdir)}
+    probe = "import json; print(json.load(open('wall_time.json'))['segments'][-1])"
+    run["command"] = [sys.executable, "-c", f"import os; os.chdir({str(workdir)!r}); {probe}"]
+    record = runs_suite.execute_run(run)
+    seen = (workdir / "log.txt").read_text().splitlines()[-1]
+    assert "'wall_s': None" in seen and "'returncode': None" in seen
+    assert record["segments"][-1]["returncode"] == 0 and len(record["segments"]) == 1

@@ -161,16 +161,41 @@ def plan_runs(
 RUN_KEYS = ("family", "suite", "target", "method", "variant", "overrides", "seed")
 
 
-def _previous_segments(path: Path) -> list[dict[str, Any]]:
-    """The segments an earlier, interrupted process of this run recorded (none if it never ran;
-    a record from before segments were kept counts as one)."""
+def _previous_segments(workdir: Path) -> list[dict[str, Any]]:
+    """The segments earlier processes of this run recorded in `wall_time.json` (none if it
+    never ran; a record from before segments were kept counts as one). A segment still open was
+    killed with its session before it could record its end: it is closed at the last write to
+    the run's log.txt, a lower bound of when it stopped."""
+    path = workdir / "wall_time.json"
     if not path.is_file():
         return []
     record = json.loads(path.read_text())
-    if "segments" in record:
-        return list(record["segments"])
-    keys = ("started", "wall_s", "returncode")
-    return [{k: record[k] for k in keys if k in record}]
+    if "segments" not in record:
+        return [{k: record[k] for k in ("started", "wall_s", "returncode") if k in record}]
+    segments = []
+    for segment in record["segments"]:
+        if segment.get("wall_s") is None:
+            log = workdir / "log.txt"
+            last_write = log.stat().st_mtime if log.is_file() else segment["started_unix"]
+            segment = segment | {
+                "wall_s": round(max(last_write - segment["started_unix"], 0.0), 1),
+                "ended": "killed: closed at log.txt's last write",
+            }
+        segments.append(segment)
+    return segments
+
+
+def _write_wall_time(workdir: Path, command: list[str], segments: list[dict[str, Any]]) -> dict:
+    record = {
+        "wall_s": round(sum(s["wall_s"] or 0.0 for s in segments), 1),
+        "returncode": segments[-1]["returncode"],
+        "started": segments[0]["started"],
+        "command": command,
+        "segments": segments,
+    }
+    with open(workdir / "wall_time.json", "w") as f:
+        json.dump(record, f, indent=2)
+    return record
 
 
 def execute_run(run: dict[str, Any]) -> dict[str, Any]:
@@ -178,38 +203,33 @@ def execute_run(run: dict[str, Any]) -> dict[str, Any]:
 
     Writes `<workdir>/run.json` (what the run is: `RUN_KEYS` and the command) first.
 
-    A run that resumes (a queue stopped with the session) adds a segment: the record keeps every
-    segment's start and seconds, and `wall_s` is their sum, the run's whole wall time.
+    Each process of a run is a segment of `wall_time.json` (a queue stopped with its session
+    resumes the run in a new one): the segment is recorded open when the process starts and
+    closed when it ends, and `wall_s` is the sum over segments, the run's whole wall time.
 
     Returns:
-      The record also written to `<workdir>/wall_time.json`: wall seconds, return code, command,
-      segments.
+      The record also written to `<workdir>/wall_time.json`: wall seconds, return code (of the
+      last segment), first start, command, segments.
     """
     workdir = Path(run["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     identity = {k: run[k] for k in RUN_KEYS} | {"command": run["command"]}
     (workdir / "run.json").write_text(json.dumps(identity, indent=2))
+    previous = _previous_segments(workdir)
     started = time.time()
+    segment = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "started_unix": round(started, 1),
+        "wall_s": None,
+        "returncode": None,
+    }
+    _write_wall_time(workdir, run["command"], previous + [segment])
     with open(workdir / "log.txt", "a") as log:
         log.write(f"\n$ {' '.join(run['command'])}\n")
         log.flush()
         rc = subprocess.call(run["command"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    segment = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "wall_s": round(time.time() - started, 1),
-        "returncode": rc,
-    }
-    segments = _previous_segments(workdir / "wall_time.json") + [segment]
-    record = {
-        "wall_s": round(sum(s["wall_s"] for s in segments), 1),
-        "returncode": rc,
-        "started": segments[0]["started"],
-        "command": run["command"],
-        "segments": segments,
-    }
-    with open(workdir / "wall_time.json", "w") as f:
-        json.dump(record, f, indent=2)
-    return record
+    segment |= {"wall_s": round(time.time() - started, 1), "returncode": rc}
+    return _write_wall_time(workdir, run["command"], previous + [segment])
 
 
 def run_suite(runs: list[dict[str, Any]], dry_run: bool = False) -> list[dict[str, Any]]:
