@@ -5,20 +5,67 @@
 
 Prints the table of pooled source-validation Dice (OD, OC, mean) per evaluation step and draws
 the mean and both structures against the step. Only source-validation evaluators are read.
+
+With --diagnostics it draws instead how strong the highlighting was over training (the
+`loss.diagnostics_every_steps` keys of metrics.jsonl, docs/method.md): the gradient's share on
+the 10 % most uncertain pixels and on the boundary band, and the overlap of those pixels with
+the band, and prints the table at every --every-th measurement.
 """
 
 import argparse
 
 from matplotlib.figure import Figure
 
-from puseg_jax.runs.curves import source_val_curve
+from puseg_jax.runs.curves import diagnostics_curve, source_val_curve
+
+_DIAGNOSTICS = (
+    ("grad_share_top10u", "gradient share, 10% most uncertain pixels"),
+    ("grad_share_band", "gradient share, boundary band"),
+    ("top10u_band_overlap", "10% most uncertain pixels in the band"),
+)
+
+
+def plot_diagnostics(runs: list[str], out: str, every: int) -> None:
+    """The highlighting diagnostics of each run against the step, one panel per key."""
+    fig = Figure(figsize=(10, 3.2), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(_DIAGNOSTICS))
+    print("| run | step | " + " | ".join(title for _, title in _DIAGNOSTICS) + " | band / all |")
+    print("|---|---:|" + "---:|" * (len(_DIAGNOSTICS) + 1))
+    for spec in runs:
+        label, path = spec.split("=", 1)
+        curve = diagnostics_curve(path)
+        if not curve:
+            raise SystemExit(f"{path}: no diagnostics in metrics.jsonl")
+        for i, (step, values) in enumerate(curve):
+            if i % every == 0 or i == len(curve) - 1:
+                cells = [f"{values[k]:.3f}" for k, _ in _DIAGNOSTICS]
+                band = f"{values['band_fraction']:.3f}"
+                print(f"| {label} | {step} | " + " | ".join(cells) + f" | {band} |")
+        steps = [step for step, _ in curve]
+        for ax, (key, _) in zip(axes, _DIAGNOSTICS, strict=True):
+            ax.plot(steps, [values[key] for _, values in curve], lw=1, label=label)
+    for ax, (_, title) in zip(axes, _DIAGNOSTICS, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(out)
+    print(f"wrote {out}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
     parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument(
+        "--diagnostics", action="store_true", help="the highlighting diagnostics, not the Dice"
+    )
+    parser.add_argument("--every", type=int, default=10, help="--diagnostics: table row stride")
     args = parser.parse_args(argv)
+    if args.diagnostics:
+        plot_diagnostics(args.runs, args.out, args.every)
+        return
     fig = Figure(figsize=(10, 3.2), dpi=100, layout="constrained")
     axes = fig.subplots(1, 3)
     print("| run | step | OD Dice | OC Dice | mean |")

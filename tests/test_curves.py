@@ -112,6 +112,19 @@ def test_highlight_diagnostics_count_a_resumed_step_once(tmp_path):
     np.testing.assert_allclose(got["grad_share_top10u"], (0.2 + 0.6) / 2, atol=1e-12)
 
 
+def test_diagnostics_curve_in_step_order_resumed_steps_once(tmp_path):
+    _write_diagnostics(tmp_path, [100, 50, 150], [0.3, 0.2, 0.4])  # written out of order
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # resumed at 100: 100 and 150 again
+        f.write(json.dumps({"step": 100, "train/grad_share_top10u": 0.35}) + "\n")
+        f.write(json.dumps({"step": 150, "train/grad_share_top10u": 0.45}) + "\n")
+    curve = curves.diagnostics_curve(tmp_path)
+    assert [step for step, _ in curve] == [50, 100, 150]
+    assert [v["grad_share_top10u"] for _, v in curve] == [0.2, 0.35, 0.45]
+    assert curve[0][1]["band_fraction"] == 0.1 and "band_fraction" not in curve[1][1]
+    _write_run(tmp_path, [500, 1000])  # a run without diagnostics
+    assert curves.diagnostics_curve(tmp_path) == []
+
+
 def test_highlight_diagnostics_absent(tmp_path):
     assert curves.highlight_diagnostics(tmp_path) is None  # no metrics.jsonl
     _write_run(tmp_path, [500, 1000])

@@ -54,6 +54,23 @@ def source_val_curve(run: str | os.PathLike | RunFolder) -> list[tuple[int, dict
 DIAGNOSTIC_KEYS = ("grad_share_top10u", "grad_share_band", "top10u_band_overlap", "band_fraction")
 
 
+def diagnostics_curve(run: str | os.PathLike | RunFolder) -> list[tuple[int, dict[str, float]]]:
+    """The highlighting diagnostics of a run over training: (step, {key: value}) for each step
+    that measured them, in step order, keys from `DIAGNOSTIC_KEYS` without the 'train/' prefix.
+
+    A step written twice (a run resumed from a checkpoint logs again the steps after it) counts
+    once, with its last value. Empty for a run that logged no diagnostics
+    (`loss.diagnostics_every_steps = 0`); FileNotFoundError without metrics.jsonl.
+    """
+    per_step: dict[int, dict[str, float]] = {}
+    for record in open_run(run).metrics():
+        if f"train/{DIAGNOSTIC_KEYS[0]}" in record:
+            per_step[int(record["step"])] = {
+                k: float(record[f"train/{k}"]) for k in DIAGNOSTIC_KEYS if f"train/{k}" in record
+            }
+    return sorted(per_step.items())
+
+
 def highlight_diagnostics(
     run: str | os.PathLike | RunFolder, last_fraction: float = 0.25
 ) -> dict[str, float] | None:
@@ -62,8 +79,7 @@ def highlight_diagnostics(
 
     The last part of training is the one the question of issue 20 is about (hard pixels may only
     matter once the easy ones are learned); with `last_fraction=1` it is the whole run. A step
-    written twice (a run resumed from a checkpoint logs again the steps after it) counts once,
-    with its last value.
+    written twice counts once, with its last value (`diagnostics_curve`).
 
     Returns:
       {key: mean} and 'measurements' (how many steps were averaged), or None for a run that
@@ -72,20 +88,14 @@ def highlight_diagnostics(
     if not 0.0 < last_fraction <= 1.0:
         raise ValueError(f"last_fraction must be in (0, 1], got {last_fraction}")
     try:
-        records = open_run(run).metrics()
+        curve = diagnostics_curve(run)
     except FileNotFoundError:
         return None
-    per_step: dict[int, dict[str, float]] = {}
-    for record in records:
-        if f"train/{DIAGNOSTIC_KEYS[0]}" in record:
-            per_step[int(record["step"])] = {
-                k: float(record[f"train/{k}"]) for k in DIAGNOSTIC_KEYS if f"train/{k}" in record
-            }
-    if not per_step:
+    if not curve:
         return None
-    last = max(per_step)
+    last = curve[-1][0]
     start = last * (1.0 - last_fraction)
-    kept = [v for step, v in per_step.items() if step > start or step == last]
+    kept = [v for step, v in curve if step > start or step == last]
     out = {}
     for k in DIAGNOSTIC_KEYS:
         vals = [v[k] for v in kept if k in v]
