@@ -1,5 +1,7 @@
 """conv_ops: the 'fast' CPU convolutions give XLA's numbers, with the same parameters."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from puseg_jax.model import conv_ops
+from puseg_jax.model import conv_ops, native_conv
 from puseg_jax.model.unet import UNet
 
 FP32_RTOL = 1e-4
@@ -32,9 +34,22 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(conv_ops, "_CHUNK_PIXELS", 64)
 
 
+def _require_native():
+    """Skips (fails under CI, $PUSEG_REQUIRE_NATIVE=1) where the native kernel cannot build."""
+    if not native_conv.available():
+        reason = f"native weight gradient unavailable: {native_conv.unavailable_reason()}"
+        if os.environ.get("PUSEG_REQUIRE_NATIVE") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 @pytest.fixture(params=conv_ops.CPU_PLANS)
-def plan(request):
-    """Each CPU plan of the 'fast' path in turn (whatever this CPU would choose)."""
+def plan(request, monkeypatch):
+    """Each CPU plan of the 'fast' path in turn (whatever this CPU would choose). Under
+    'native' every layer of the small test shapes takes the native weight gradient."""
+    if request.param == "native":
+        _require_native()
+        monkeypatch.setattr(conv_ops, "_NATIVE_MIN_PIXELS", 1)
     conv_ops.set_cpu_plan(request.param)
     yield request.param
     conv_ops.set_cpu_plan(None)
@@ -213,11 +228,15 @@ def test_cpu_plan_choice_and_errors(monkeypatch):
     assert conv_ops.cpu_plan() == "im2col" and conv_ops.compiler_options("fast") is None
     monkeypatch.setattr(conv_ops, "_cpu_plan", None)
     monkeypatch.delenv("PUSEG_CPU_CONV_PLAN")
-    assert conv_ops.cpu_plan() == conv_ops.auto_plan(*conv_ops._cpu_info())
+    native = native_conv.available()
+    assert conv_ops.cpu_plan() == conv_ops.auto_plan(*conv_ops._cpu_info(), native=native)
     # The rule per CPU kind (the vendor and flags of the machines measured).
     assert conv_ops.auto_plan("AuthenticAMD", {"avx2", "fma"}) == "im2col"  # EPYC Zen 3
+    assert conv_ops.auto_plan("AuthenticAMD", {"avx2", "fma"}, native=True) == "im2col"
     assert conv_ops.auto_plan("AuthenticAMD", {"avx2", "avx512f"}) == "eigen_reduce"  # Zen 4
+    assert conv_ops.auto_plan("AuthenticAMD", {"avx2", "avx512f"}, native=True) == "native"
     assert conv_ops.auto_plan("GenuineIntel", {"avx2", "avx512f", "amx_tile"}) == "eigen"
+    assert conv_ops.auto_plan("GenuineIntel", {"avx512f"}, native=True) == "eigen"
     assert conv_ops.auto_plan("", set()) == "im2col"
     # 'eigen_reduce' leaves only the reductions on YNNPACK, and XLA accepts that value too.
     monkeypatch.setattr(conv_ops, "_cpu_plan", None)
@@ -264,3 +283,101 @@ def test_weight_grad_benchmark_formulations_agree(capsys):
     # cols3_scan/16 needs the height to be a multiple of 16: skipped ('-') at 8, run at 16.
     assert rows[0].split("|")[1 + variants.index("cols3_scan/16") + 1].strip() == "-"
     assert rows[1].split("|")[1 + variants.index("cols3_scan/16") + 1].strip() != "-"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 8, 8, 3, 32),  # first-layer-like: fewer input channels than a block
+        (1, 9, 7, 13, 40),  # odd sizes; C past one block, K not a multiple of the vector block
+        (3, 5, 300, 2, 64),  # rows wider than the 256-pixel chunk
+        (2, 4, 4, 25, 17),  # several rows a chunk, K below one block (the scalar path only)
+    ],
+)
+def test_native_weight_grad_is_xlas(shape):
+    _require_native()
+    n, h, w, c, k = shape
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((n, h, w, k)), jnp.float32)
+    _, vjp = jax.vjp(lambda kernel: conv_ops._conv_same(x, kernel), jnp.zeros((3, 3, c, k)))
+    ref = vjp(g)[0]
+    got = jax.jit(native_conv.conv3x3_weight_grad)(x, g)
+    assert got.shape == ref.shape and got.dtype == jnp.float32
+    assert _rel_err(got, ref) < FP32_RTOL
+    # Every tap is checked: a swapped or shifted offset would fail this (the border rows and
+    # columns make the nine taps differ).
+    for i in range(3):
+        for j in range(3):
+            assert _rel_err(got[i, j], ref[i, j]) < FP32_RTOL, (i, j)
+    with pytest.raises(TypeError, match="float32"):
+        native_conv.conv3x3_weight_grad(x.astype(jnp.bfloat16), g)
+
+
+def test_native_plan_runs_only_the_large_layers():
+    _require_native()
+    conv_ops.set_cpu_plan("native")
+    try:
+
+        def grad_jaxpr(size):
+            x = jnp.ones((1, size, size, 2))
+            kernel = jnp.ones((3, 3, 2, 4))
+            return str(
+                jax.make_jaxpr(jax.grad(lambda k: conv_ops.conv3x3_fast(x, k).sum()))(kernel)
+            )
+
+        side = int(conv_ops._NATIVE_MIN_PIXELS**0.5)
+        assert native_conv.TARGET in grad_jaxpr(side)
+        assert native_conv.TARGET not in grad_jaxpr(side // 2)
+    finally:
+        conv_ops.set_cpu_plan(None)
+
+
+def test_native_weight_grad_under_shard_map_on_8_devices():
+    """Each device runs the kernel on its shard; the psum of the shards is the whole sum."""
+    _require_native()
+    from jax.sharding import Mesh, PartitionSpec
+
+    devices = jax.devices()
+    assert len(devices) == 8
+    mesh = Mesh(np.array(devices), ("batch",))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((8, 12, 20, 5)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((8, 12, 20, 6)), jnp.float32)
+
+    def per_device(x, g):
+        return jax.lax.psum(native_conv.conv3x3_weight_grad(x, g), "batch")
+
+    spec = PartitionSpec("batch")
+    sharded = jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=PartitionSpec())
+    )(x, g)
+    whole = native_conv.conv3x3_weight_grad(x, g)
+    assert _rel_err(sharded, whole) < FP32_RTOL
+
+
+def test_native_unavailable_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(native_conv, "_state", {})
+    monkeypatch.setenv("PUSEG_NATIVE", "0")
+    assert not native_conv.available()
+    assert "PUSEG_NATIVE=0" in native_conv.unavailable_reason()
+    with pytest.raises(RuntimeError, match="unavailable"):
+        native_conv.conv3x3_weight_grad(jnp.ones((1, 4, 4, 1)), jnp.ones((1, 4, 4, 1)))
+    monkeypatch.setattr(conv_ops, "_cpu_plan", None)
+    with pytest.raises(ValueError, match="PUSEG_NATIVE=0"):
+        conv_ops.set_cpu_plan("native")
+    # The automatic choice falls back to the plan measured without it.
+    vendor, flags = conv_ops._cpu_info()
+    assert conv_ops.cpu_plan() == conv_ops.auto_plan(vendor, flags, native=False) != "native"
+    monkeypatch.setattr(conv_ops, "_cpu_plan", None)
+    # A compiler that fails: the build's error is the reason.
+    monkeypatch.setattr(native_conv, "_state", {})
+    monkeypatch.delenv("PUSEG_NATIVE")
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("PUSEG_NATIVE_CACHE", str(tmp_path))
+    assert not native_conv.available()
+    assert "build or load failed" in native_conv.unavailable_reason()
+    monkeypatch.setattr(native_conv, "_state", {})
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert not native_conv.available()
+    assert "no C++ compiler" in native_conv.unavailable_reason()

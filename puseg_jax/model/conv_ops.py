@@ -42,6 +42,10 @@ measurements on each CPU kind (`cpu_plan`, benchmarks/README.md):
   * 'eigen_reduce' (AMD CPUs with AVX-512, measured on a 2-core AMD EPYC Zen 4): as 'eigen', but
     only the reductions stay on YNNPACK: there its elementwise fusions made the whole fundus
     step 1.3x slower (0.76x -> 0.98x PyTorch channels_last; prostate 0.70x -> 0.94x).
+  * 'native' (AMD CPUs with AVX-512 where the machine has a C++ compiler): 'eigen_reduce', with
+    the weight gradient of the layers of at least `_NATIVE_MIN_PIXELS` pixels an image taken
+    by the direct sum of `native_conv` (compiled on this machine), 1.6-2.2x faster than XLA's
+    there; the smaller layers keep XLA's, which is as fast or faster at many channels.
 
 This module imports only jax and flax: `benchmarks/gpu.sh` runs it on a machine without the
 project's other dependencies.
@@ -57,8 +61,10 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from puseg_jax.model import native_conv
+
 IMPLS = ("xla", "fast")
-CPU_PLANS = ("im2col", "eigen", "eigen_reduce")
+CPU_PLANS = ("im2col", "eigen", "eigen_reduce", "native")
 
 # Pixels (rows of the patch matrix) per chunk of the weight-gradient reduction. 2048 pixels of
 # 9 * 64 float32 patches are 4.7 MB: within the L3 cache, large enough for an efficient product.
@@ -91,7 +97,12 @@ def resolve_impl(impl: str) -> str:
 _YNN_FUSIONS = {
     "eigen": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
     "eigen_reduce": "LIBRARY_FUSION_TYPE_REDUCE",
+    "native": "LIBRARY_FUSION_TYPE_REDUCE",
 }
+# The 'native' plan's weight gradient runs natively from this many pixels an image (128x128):
+# on the Zen 4 it was 1.6x faster than XLA's at 8x128x128 64 -> 64, 2.2x at 256x256 32 -> 32,
+# even at 64x64 128 -> 128 and slower at 16x16 512 -> 512 (benchmarks/README.md).
+_NATIVE_MIN_PIXELS = 128 * 128
 _cpu_plan: str | None = None
 _eigen_ynn: str | None = None  # `set_eigen_ynn_fusions`: benchmarks compare other sets
 
@@ -112,13 +123,16 @@ def _cpu_info() -> tuple[str, set[str]]:
     return vendor, flags
 
 
-def auto_plan(vendor: str, flags: set[str]) -> str:
-    """The plan for a CPU of this vendor and these flags: 'im2col' without AVX-512,
-    'eigen_reduce' on AMD CPUs with it, 'eigen' on other CPUs with it (each measured fastest on
-    that kind: benchmarks/README.md)."""
+def auto_plan(vendor: str, flags: set[str], native: bool = False) -> str:
+    """The plan for a CPU of this vendor and these flags: 'im2col' without AVX-512, 'eigen' on
+    non-AMD CPUs with it, and on AMD CPUs with it 'native' where the native weight gradient
+    builds (`native`), else 'eigen_reduce' (each measured fastest on that kind:
+    benchmarks/README.md)."""
     if "avx512f" not in flags:
         return "im2col"
-    return "eigen_reduce" if vendor == "AuthenticAMD" else "eigen"
+    if vendor != "AuthenticAMD":
+        return "eigen"
+    return "native" if native else "eigen_reduce"
 
 
 def cpu_plan() -> str:
@@ -135,7 +149,14 @@ def cpu_plan() -> str:
         plan = os.environ.get("PUSEG_CPU_CONV_PLAN", "")
         if plan and plan not in CPU_PLANS:
             raise ValueError(f"PUSEG_CPU_CONV_PLAN={plan!r}; expected one of {CPU_PLANS}")
-        _cpu_plan = plan or auto_plan(*_cpu_info())
+        if plan == "native" and not native_conv.available():
+            raise ValueError(f"PUSEG_CPU_CONV_PLAN=native: {native_conv.unavailable_reason()}")
+        if not plan:
+            vendor, flags = _cpu_info()
+            # Building the native kernel is only tried where it would be chosen.
+            wants_native = auto_plan(vendor, flags, native=True) == "native"
+            plan = auto_plan(vendor, flags, native=wants_native and native_conv.available())
+        _cpu_plan = plan
     return _cpu_plan
 
 
@@ -145,6 +166,8 @@ def set_cpu_plan(plan: str | None) -> None:
     global _cpu_plan
     if plan is not None and plan not in CPU_PLANS:
         raise ValueError(f"Unknown CPU plan {plan!r}; expected one of {CPU_PLANS}")
+    if plan == "native" and not native_conv.available():
+        raise ValueError(f"CPU plan 'native': {native_conv.unavailable_reason()}")
     _cpu_plan = plan
 
 
@@ -263,7 +286,18 @@ def _conv3x3_fast_fwd(x, kernel):
 
 def _conv3x3_fast_bwd(residuals, g):
     x, kernel = residuals
-    if cpu_plan() in _YNN_FUSIONS:
+    plan = cpu_plan()
+    n, h, w, _ = x.shape
+    if (
+        plan == "native"
+        and h * w >= _NATIVE_MIN_PIXELS
+        and x.dtype == jnp.float32
+        and g.dtype == jnp.float32
+    ):
+        _, conv_vjp_x = jax.vjp(lambda x_: _conv_same(x_, kernel), x)
+        (dx,) = conv_vjp_x(g)
+        return dx, native_conv.conv3x3_weight_grad(x, g).astype(kernel.dtype)
+    if plan in _YNN_FUSIONS:
         # XLA's own gradients, as under plain autodiff (fast under `compiler_options`).
         _, conv_vjp = jax.vjp(_conv_same, x, kernel)
         return conv_vjp(g)
