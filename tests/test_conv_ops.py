@@ -292,6 +292,8 @@ def test_weight_grad_benchmark_formulations_agree(capsys):
         (1, 9, 7, 13, 40),  # odd sizes; C past one block, K not a multiple of the vector block
         (3, 5, 300, 2, 64),  # rows wider than the 256-pixel chunk
         (2, 4, 4, 25, 17),  # several rows a chunk, K below one block (the scalar path only)
+        (1, 6, 6, 32, 32),  # 32 channels: blocks of 12, 12 and 8 (AVX-512) or 6 x 5 + 2
+        (2, 6, 5, 31, 32),  # 31: 12 + 12 + 4 + 2 + 1, every remainder block
     ],
 )
 def test_native_weight_grad_is_xlas(shape):

@@ -80,7 +80,20 @@ static void rows(const float* x, const float* g, int N, int H, int W, int C, int
           int c0 = 0;
           for (; c0 + CB <= C; c0 += CB)
             block<CB>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
-          for (; c0 < C; ++c0) block<1>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
+          // The remainder in the largest blocks that fit (32 channels: 12 + 12 + 8).
+          if (CB > 8 && c0 + 8 <= C) {
+            block<8>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
+            c0 += 8;
+          }
+          if (c0 + 4 <= C) {
+            block<4>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
+            c0 += 4;
+          }
+          if (c0 + 2 <= C) {
+            block<2>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
+            c0 += 2;
+          }
+          if (c0 < C) block<1>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
         }
         for (int k = K - K % KBLK; k < K; ++k)  // K not a multiple of the block: scalar
           for (long r = q0; r < q1; ++r) {
