@@ -12,6 +12,7 @@ gradient written in each way that XLA can compile, all computing the same [3, 3,
   cols3        the three column shifts stacked on channels, three products (one per row shift)
   cols3_scan/R cols3 with rows leading ([H, N, W, C]), a scan over bands of R rows
   ynn_conv     XLA's own, with YNNPACK running the convolutions (forward and input gradient too)
+  native       the direct sum compiled on this machine (model/native_conv.py, the 'native' plan)
 
 Every JAX variant is compiled with the 'eigen_reduce' plan's option (reductions on YNNPACK),
 except ynn_conv, which adds convolutions to it. Times are the minimum of --reps calls, in ms,
@@ -52,6 +53,7 @@ VARIANTS = (
     "cols3_scan/4",
     "cols3_scan/16",
     "ynn_conv",
+    "native",
     "torch",
 )
 _REDUCE = "LIBRARY_FUSION_TYPE_REDUCE"
@@ -143,6 +145,12 @@ def _jax_variant(name: str):
     base, _, arg = name.partition("/")
     if base == "xla":
         return xla, options
+    if base == "native":
+        from puseg_jax.model import native_conv
+
+        if not native_conv.available():
+            raise SystemExit(f"native: {native_conv.unavailable_reason()}")
+        return native_conv.conv3x3_weight_grad, options
     if base == "ynn_conv":
         conv = f"{_REDUCE},LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
         return xla, {"xla_cpu_experimental_ynn_fusion_type": conv}

@@ -44,8 +44,8 @@ measurements on each CPU kind (`cpu_plan`, benchmarks/README.md):
     step 1.3x slower (0.76x -> 0.98x PyTorch channels_last; prostate 0.70x -> 0.94x).
   * 'native' (AMD CPUs with AVX-512 where the machine has a C++ compiler): 'eigen_reduce', with
     the weight gradient of the layers of at least `_NATIVE_MIN_PIXELS` pixels an image taken
-    by the direct sum of `native_conv` (compiled on this machine), 1.6-2.2x faster than XLA's
-    there; the smaller layers keep XLA's, which is as fast or faster at many channels.
+    by the direct sum of `native_conv` (compiled on this machine), 1.6-3.3x faster than XLA's
+    there; the smaller layers keep XLA's, which is faster at many channels.
 
 This module imports only jax and flax: `benchmarks/gpu.sh` runs it on a machine without the
 project's other dependencies.
@@ -99,10 +99,11 @@ _YNN_FUSIONS = {
     "eigen_reduce": "LIBRARY_FUSION_TYPE_REDUCE",
     "native": "LIBRARY_FUSION_TYPE_REDUCE",
 }
-# The 'native' plan's weight gradient runs natively from this many pixels an image (128x128):
-# on the Zen 4 it was 1.6x faster than XLA's at 8x128x128 64 -> 64, 2.2x at 256x256 32 -> 32,
-# even at 64x64 128 -> 128 and slower at 16x16 512 -> 512 (benchmarks/README.md).
-_NATIVE_MIN_PIXELS = 128 * 128
+# The 'native' plan's weight gradient runs natively from this many pixels an image (64x64): on
+# the Zen 4 it took 54 ms against XLA's 87 at 8x64x64 128 -> 128 and 50 against 164 at 8x256x256
+# 32 -> 32, but 62 against 57 at 8x32x32 256 -> 256 and 75 against 50 at 8x16x16 512 -> 512
+# (`bench_weight_grad.py`, benchmarks/README.md).
+_NATIVE_MIN_PIXELS = 64 * 64
 _cpu_plan: str | None = None
 _eigen_ynn: str | None = None  # `set_eigen_ynn_fusions`: benchmarks compare other sets
 
