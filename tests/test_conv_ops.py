@@ -316,6 +316,12 @@ def test_native_weight_grad_is_xlas(shape):
         native_conv.conv3x3_weight_grad(x.astype(jnp.bfloat16), g)
 
 
+def test_native_weight_grad_of_an_empty_batch_is_zero():
+    _require_native()
+    got = native_conv.conv3x3_weight_grad(jnp.ones((0, 4, 4, 3)), jnp.ones((0, 4, 4, 5)))
+    assert got.shape == (3, 3, 3, 5) and not np.asarray(got).any()
+
+
 def test_native_plan_runs_only_the_large_layers():
     _require_native()
     conv_ops.set_cpu_plan("native")

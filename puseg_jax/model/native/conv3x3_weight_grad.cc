@@ -126,6 +126,11 @@ static ffi::Error Conv3x3DwImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g
   const int N = xd[0], H = xd[1], W = xd[2], C = xd[3], K = gd[3];
   const size_t size = (size_t)9 * C * K;
   const long R = (long)N * H;
+  float* o = out->typed_data();
+  if (R == 0 || W == 0) {  // an empty batch or image: the sum is zero
+    std::fill(o, o + size, 0.f);
+    return ffi::Error::Success();
+  }
   int T = std::min<long>(num_threads(), R);
   std::vector<std::vector<float>> parts(T, std::vector<float>(size, 0.f));
   std::vector<std::thread> pool;
@@ -134,7 +139,6 @@ static ffi::Error Conv3x3DwImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g
                       R * (t + 1) / T, parts[t].data());
   rows(x.typed_data(), g.typed_data(), N, H, W, C, K, 0, R / T, parts[0].data());
   for (auto& th : pool) th.join();
-  float* o = out->typed_data();
   for (size_t e = 0; e < size; ++e) {
     float s = 0.f;
     for (int t = 0; t < T; ++t) s += parts[t][e];
