@@ -294,6 +294,8 @@ def test_weight_grad_benchmark_formulations_agree(capsys):
         (2, 4, 4, 25, 17),  # several rows a chunk, K below one block (the scalar path only)
         (1, 6, 6, 32, 32),  # 32 channels: blocks of 12, 12 and 8 (AVX-512) or 6 x 5 + 2
         (2, 6, 5, 31, 32),  # 31: 12 + 12 + 4 + 2 + 1, every remainder block
+        (1, 5, 7, 9, 16),  # 16 output channels: one AVX-512 vector (two AVX2 ones)
+        (1, 4, 6, 3, 56),  # 56 = 32 + 16 + 8: both vector blocks and the scalar rest
     ],
 )
 def test_native_weight_grad_is_xlas(shape):
@@ -327,9 +329,9 @@ def test_native_plan_runs_only_the_large_layers():
     conv_ops.set_cpu_plan("native")
     try:
 
-        def grad_jaxpr(size):
+        def grad_jaxpr(size, out_channels=16):
             x = jnp.ones((1, size, size, 2))
-            kernel = jnp.ones((3, 3, 2, 4))
+            kernel = jnp.ones((3, 3, 2, out_channels))
             return str(
                 jax.make_jaxpr(jax.grad(lambda k: conv_ops.conv3x3_fast(x, k).sum()))(kernel)
             )
@@ -337,6 +339,7 @@ def test_native_plan_runs_only_the_large_layers():
         side = int(conv_ops._NATIVE_MIN_PIXELS**0.5)
         assert native_conv.TARGET in grad_jaxpr(side)
         assert native_conv.TARGET not in grad_jaxpr(side // 2)
+        assert native_conv.TARGET not in grad_jaxpr(side, out_channels=8)
     finally:
         conv_ops.set_cpu_plan(None)
 

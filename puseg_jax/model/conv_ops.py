@@ -104,6 +104,9 @@ _YNN_FUSIONS = {
 # 32 -> 32, but 62 against 57 at 8x32x32 256 -> 256 and 75 against 50 at 8x16x16 512 -> 512
 # (`bench_weight_grad.py`, benchmarks/README.md).
 _NATIVE_MIN_PIXELS = 64 * 64
+# ... and from this many output channels: fewer than one vector of them (the demo's 8) take the
+# kernel's scalar path, slower than XLA.
+_NATIVE_MIN_OUT_CHANNELS = 16
 _cpu_plan: str | None = None
 _eigen_ynn: str | None = None  # `set_eigen_ynn_fusions`: benchmarks compare other sets
 
@@ -293,6 +296,7 @@ def _conv3x3_fast_bwd(residuals, g):
         plan == "native"
         and jax.default_backend() == "cpu"  # 'fast' forced on an accelerator: XLA's gradient
         and h * w >= _NATIVE_MIN_PIXELS
+        and g.shape[-1] >= _NATIVE_MIN_OUT_CHANNELS
         and x.dtype == jnp.float32
         and g.dtype == jnp.float32
     ):

@@ -34,9 +34,10 @@ static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
 
 // One block: acc[c][v] += x[n, h + i - 1, w + dj, c0 + c] * g[n, h, w, k0 + v*V ...], summed over
 // the output rows q0..q1 (row r = n * H + h) and w in [w0, w1); added to dw[c0.., k0..] at the end.
-template <int NC>
+template <int NC, int NKV>
 static inline void block(const float* x, const float* g, long q0, long q1, int H, int W, int i,
                          int c0, int k0, int C, int K, int w0, int w1, int dj, float* dw) {
+  constexpr int KV = NKV;
   vec acc[NC][KV];
   for (int c = 0; c < NC; ++c)
     for (int v = 0; v < KV; ++v) acc[c][v] = vec{};
@@ -63,6 +64,29 @@ static inline void block(const float* x, const float* g, long q0, long q1, int H
     }
 }
 
+// All input channels of one offset and one block of NKV vectors of output channels: blocks of
+// CB channels, the remainder in the largest blocks that fit (32 channels: 12 + 12 + 8).
+template <int NKV>
+static inline void cblocks(const float* x, const float* g, long q0, long q1, int H, int W,
+                           int i, int k0, int C, int K, int w0, int w1, int dj, float* d) {
+  int c0 = 0;
+  for (; c0 + CB <= C; c0 += CB)
+    block<CB, NKV>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
+  if (CB > 8 && c0 + 8 <= C) {
+    block<8, NKV>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
+    c0 += 8;
+  }
+  if (c0 + 4 <= C) {
+    block<4, NKV>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
+    c0 += 4;
+  }
+  if (c0 + 2 <= C) {
+    block<2, NKV>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
+    c0 += 2;
+  }
+  if (c0 < C) block<1, NKV>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
+}
+
 // Rows r0..r1 of the N*H output rows, in chunks of about 256 pixels so that the accumulators of
 // a block are written back once per chunk rather than once per row (small images, many channels).
 static void rows(const float* x, const float* g, int N, int H, int W, int C, int K,
@@ -76,26 +100,14 @@ static void rows(const float* x, const float* g, int N, int H, int W, int C, int
         const int dj = j - 1;
         const int w0 = std::max(0, -dj), w1 = std::min(W, W - dj);
         float* d = dw + (size_t)(i * 3 + j) * C * K;
-        for (int k0 = 0; k0 + KBLK <= K; k0 += KBLK) {
-          int c0 = 0;
-          for (; c0 + CB <= C; c0 += CB)
-            block<CB>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
-          // The remainder in the largest blocks that fit (32 channels: 12 + 12 + 8).
-          if (CB > 8 && c0 + 8 <= C) {
-            block<8>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
-            c0 += 8;
-          }
-          if (c0 + 4 <= C) {
-            block<4>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
-            c0 += 4;
-          }
-          if (c0 + 2 <= C) {
-            block<2>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
-            c0 += 2;
-          }
-          if (c0 < C) block<1>(x, g, q0, q1, H, W, i, c0, k0, C, K, w0, w1, dj, d);
+        int k0 = 0;
+        for (; k0 + KBLK <= K; k0 += KBLK)
+          cblocks<KV>(x, g, q0, q1, H, W, i, k0, C, K, w0, w1, dj, d);
+        if (KV > 1 && k0 + V <= K) {  // 16 output channels left (AVX-512): one vector
+          cblocks<1>(x, g, q0, q1, H, W, i, k0, C, K, w0, w1, dj, d);
+          k0 += V;
         }
-        for (int k = K - K % KBLK; k < K; ++k)  // K not a multiple of the block: scalar
+        for (int k = k0; k < K; ++k)  // fewer than V output channels left: scalar
           for (long r = q0; r < q1; ++r) {
             const int n = r / H, h = r % H, hx = h + i - 1;
             if (hx < 0 || hx >= H) continue;
