@@ -43,7 +43,8 @@ measurements on each CPU kind (`cpu_plan`, benchmarks/README.md):
     only the reductions stay on YNNPACK: there its elementwise fusions made the whole fundus
     step 1.3x slower (0.76x -> 0.98x PyTorch channels_last; prostate 0.70x -> 0.94x).
   * 'native' (AMD CPUs with AVX-512 where the machine has a C++ compiler): 'eigen_reduce', with
-    the weight gradient of the layers of at least `_NATIVE_MIN_PIXELS` pixels an image taken
+    the weight gradient of the layers of at least `_NATIVE_MIN_PIXELS` pixels an image (and
+    `_NATIVE_MIN_OUT_CHANNELS` output channels) taken
     by the direct sum of `native_conv` (compiled on this machine), 1.6-3.3x faster than XLA's
     there; the smaller layers keep XLA's, which is faster at many channels.
 
