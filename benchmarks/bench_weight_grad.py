@@ -61,6 +61,7 @@ _REDUCE = "LIBRARY_FUSION_TYPE_REDUCE"
 
 def _jax_variant(name: str):
     """(function (x, g) -> dW, XLA compiler options) for a JAX variant name."""
+    import jax
     import jax.numpy as jnp
     from jax import lax
 
@@ -138,8 +139,6 @@ def _jax_variant(name: str):
                 conv_ops._CHUNK_PIXELS = old
 
         return f
-
-    import jax
 
     options = {"xla_cpu_experimental_ynn_fusion_type": _REDUCE}
     base, _, arg = name.partition("/")

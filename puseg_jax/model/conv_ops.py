@@ -292,26 +292,30 @@ def _conv3x3_fast_fwd(x, kernel):
 def _conv3x3_fast_bwd(residuals, g):
     x, kernel = residuals
     plan = cpu_plan()
-    n, h, w, _ = x.shape
-    if (
-        plan == "native"
-        and jax.default_backend() == "cpu"  # 'fast' forced on an accelerator: XLA's gradient
-        and h * w >= _NATIVE_MIN_PIXELS
-        and g.shape[-1] >= _NATIVE_MIN_OUT_CHANNELS
-        and x.dtype == jnp.float32
-        and g.dtype == jnp.float32
-    ):
-        _, conv_vjp_x = jax.vjp(lambda x_: _conv_same(x_, kernel), x)
-        (dx,) = conv_vjp_x(g)
-        return dx, native_conv.conv3x3_weight_grad(x, g).astype(kernel.dtype)
-    if plan in _YNN_FUSIONS:
+    if plan in _YNN_FUSIONS and not _native_layer(plan, x, g):
         # XLA's own gradients, as under plain autodiff (fast under `compiler_options`).
         _, conv_vjp = jax.vjp(_conv_same, x, kernel)
         return conv_vjp(g)
     # The input gradient is XLA's own transposed convolution, as under plain autodiff.
     _, conv_vjp_x = jax.vjp(lambda x_: _conv_same(x_, kernel), x)
     (dx,) = conv_vjp_x(g)
+    if plan == "native":
+        return dx, native_conv.conv3x3_weight_grad(x, g).astype(kernel.dtype)
     return dx, conv3x3_weight_grad(x, g)
+
+
+def _native_layer(plan: str, x: jax.Array, g: jax.Array) -> bool:
+    """Whether the 'native' plan takes this layer's weight gradient natively (float32 on the
+    CPU, at least `_NATIVE_MIN_PIXELS` pixels and `_NATIVE_MIN_OUT_CHANNELS` output channels;
+    'fast' forced on an accelerator keeps XLA's)."""
+    return (
+        plan == "native"
+        and jax.default_backend() == "cpu"
+        and x.shape[1] * x.shape[2] >= _NATIVE_MIN_PIXELS
+        and g.shape[-1] >= _NATIVE_MIN_OUT_CHANNELS
+        and x.dtype == jnp.float32
+        and g.dtype == jnp.float32
+    )
 
 
 conv3x3_fast.defvjp(_conv3x3_fast_fwd, _conv3x3_fast_bwd)
