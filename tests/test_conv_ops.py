@@ -46,10 +46,12 @@ def _require_native():
 @pytest.fixture(params=conv_ops.CPU_PLANS)
 def plan(request, monkeypatch):
     """Each CPU plan of the 'fast' path in turn (whatever this CPU would choose). Under
-    'native' every layer of the small test shapes takes the native weight gradient."""
+    'native' every layer of the small test shapes takes the native weight gradient, and those
+    whose channels are multiples of 16 the Winograd forward pass and input gradient."""
     if request.param == "native":
         _require_native()
         monkeypatch.setattr(conv_ops, "_NATIVE_MIN_PIXELS", 1)
+        monkeypatch.setattr(conv_ops, "_WINOGRAD_MIN_PIXELS", 1)
     conv_ops.set_cpu_plan(request.param)
     yield request.param
     conv_ops.set_cpu_plan(None)
@@ -66,6 +68,7 @@ def _fast_jit(fn):
         ((2, 16, 16, 3, 8), True),  # C < K: patches of x; first-layer-like
         ((2, 12, 16, 16, 8), True),  # C > K: patches of the output gradient; decoder-like
         ((1, 10, 6, 5, 5), False),  # odd sizes, one image, one chunk (no scan)
+        ((2, 10, 9, 16, 32), False),  # channels the 'native' plan's Winograd convolution takes
     ],
 )
 def test_fast_conv_matches_xla_fp32(shape, chunked, monkeypatch, plan):
@@ -329,19 +332,84 @@ def test_native_plan_runs_only_the_large_layers():
     conv_ops.set_cpu_plan("native")
     try:
 
-        def grad_jaxpr(size, out_channels=16):
-            x = jnp.ones((1, size, size, 2))
-            kernel = jnp.ones((3, 3, 2, out_channels))
-            return str(
-                jax.make_jaxpr(jax.grad(lambda k: conv_ops.conv3x3_fast(x, k).sum()))(kernel)
-            )
+        def grad_jaxpr(size, in_channels=2, out_channels=16):
+            x = jnp.ones((1, size, size, in_channels))
+            kernel = jnp.ones((3, 3, in_channels, out_channels))
+
+            def loss(x, kernel):
+                return conv_ops.conv3x3_fast(x, kernel).sum()
+
+            return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel))
 
         side = int(conv_ops._NATIVE_MIN_PIXELS**0.5)
         assert native_conv.TARGET in grad_jaxpr(side)
         assert native_conv.TARGET not in grad_jaxpr(side // 2)
         assert native_conv.TARGET not in grad_jaxpr(side, out_channels=8)
+        # Winograd: forward and input gradient, two calls, from its size on, channels 16k only.
+        side = int(conv_ops._WINOGRAD_MIN_PIXELS**0.5)
+        assert grad_jaxpr(side, 16, 32).count(native_conv.WINOGRAD_TARGET) == 2
+        assert native_conv.WINOGRAD_TARGET not in grad_jaxpr(side - 1, 16, 32)
+        assert native_conv.WINOGRAD_TARGET not in grad_jaxpr(side, 8, 32)
+        assert native_conv.WINOGRAD_TARGET not in grad_jaxpr(side, 16, 24)
     finally:
         conv_ops.set_cpu_plan(None)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 7, 9, 16, 32),  # odd sizes: the last tiles of a column and a row are half outside
+        (1, 1, 1, 32, 16),  # one pixel: every input of its tile but one is padding
+        (1, 2, 3, 16, 48),  # K = 48: a block of two vectors and one of one (AVX-512)
+        (2, 41, 38, 48, 16),  # ~800 tiles: many chunks, blocks of every size at a chunk's end
+        (3, 6, 4, 64, 64),
+    ],
+)
+def test_native_winograd_is_xlas(shape):
+    _require_native()
+    n, h, w, c, k = shape
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, c, k)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((n, h, w, k)), jnp.float32)
+    y, vjp = jax.vjp(lambda x_: conv_ops._conv_same(x_, kernel), x)
+    (dx,) = vjp(g)
+    got_y = jax.jit(native_conv.conv3x3)(x, kernel)
+    got_dx = jax.jit(native_conv.conv3x3_input_grad)(g, kernel)
+    assert got_y.shape == y.shape and got_dx.shape == dx.shape
+    assert _rel_err(got_y, y) < FP32_RTOL and _rel_err(got_dx, dx) < FP32_RTOL
+    # Pixel by pixel, relative to the pixel's own scale: a wrong border or a misplaced output
+    # of a tile fails here even where the maximum error above would hide it.
+    scale = np.abs(np.asarray(y)).max(axis=-1, keepdims=True) + 1e-3
+    assert (np.abs(np.asarray(got_y) - np.asarray(y)) / scale).max() < FP32_RTOL * 10
+
+
+def test_native_winograd_rejects_what_it_cannot_take():
+    _require_native()
+    x = jnp.ones((1, 4, 4, 16))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        native_conv.conv3x3(x, jnp.ones((3, 3, 16, 8)))
+    with pytest.raises(TypeError, match="float32"):
+        native_conv.conv3x3(x.astype(jnp.bfloat16), jnp.ones((3, 3, 16, 16)))
+    empty = native_conv.conv3x3(jnp.ones((0, 4, 4, 16)), jnp.ones((3, 3, 16, 32)))
+    assert empty.shape == (0, 4, 4, 32)
+
+
+def test_native_winograd_under_shard_map_on_8_devices():
+    _require_native()
+    from jax.sharding import Mesh, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((8, 10, 12, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 32)), jnp.float32)
+    spec = PartitionSpec("batch")
+    sharded = jax.jit(
+        jax.shard_map(
+            native_conv.conv3x3, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec
+        )
+    )(x, kernel)
+    assert _rel_err(sharded, conv_ops._conv_same(x, kernel)) < FP32_RTOL
 
 
 def test_native_weight_grad_under_shard_map_on_8_devices():

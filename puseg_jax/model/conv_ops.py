@@ -43,10 +43,12 @@ measurements on each CPU kind (`cpu_plan`, benchmarks/README.md):
     only the reductions stay on YNNPACK: there its elementwise fusions made the whole fundus
     step 1.3x slower (0.76x -> 0.98x PyTorch channels_last; prostate 0.70x -> 0.94x).
   * 'native' (AMD CPUs with AVX-512 where the machine has a C++ compiler): 'eigen_reduce', with
-    the weight gradient of the layers of at least `_NATIVE_MIN_PIXELS` pixels an image (and
-    `_NATIVE_MIN_OUT_CHANNELS` output channels) taken
-    by the direct sum of `native_conv` (compiled on this machine), 1.6-3.3x faster than XLA's
-    there; the smaller layers keep XLA's, which is faster at many channels.
+    two kernels of `native_conv` compiled on this machine. The weight gradient of the layers of
+    at least `_NATIVE_MIN_PIXELS` pixels an image (and `_NATIVE_MIN_OUT_CHANNELS` output
+    channels) is its direct sum, 1.6-3.3x faster than XLA's there. The forward pass and the
+    input gradient of the layers of at least `_WINOGRAD_MIN_PIXELS` pixels whose channel counts
+    are multiples of 16 are its Winograd F(2x2, 3x3) convolution, 1.4-1.9x faster than Eigen's
+    there. The smaller layers keep XLA's, faster at many channels and few pixels.
 
 This module imports only jax and flax: `benchmarks/gpu.sh` runs it on a machine without the
 project's other dependencies.
@@ -108,6 +110,13 @@ _NATIVE_MIN_PIXELS = 64 * 64
 # ... and from this many output channels: fewer than one vector of them (the demo's 8) take the
 # kernel's scalar path, slower than XLA.
 _NATIVE_MIN_OUT_CHANNELS = 16
+# The 'native' plan's forward pass and input gradient run by Winograd's F(2x2, 3x3)
+# (`native_conv.conv3x3`) from this many pixels an image (32x32), where both channel counts are
+# multiples of `native_conv.WINOGRAD_CHANNEL_MULTIPLE`: on the Zen 4 it took 117 ms against
+# Eigen's 170 at 8x384x384 32 -> 32, 27 against 52 at 8x64x64 128 -> 128 and 62 against 108 at
+# 8x32x32 512 -> 256, but 96 against 107 at 8x24x24 512 -> 512, 55 against 47 at 8x16x16 and
+# 13 against 4 at 8x8x8 (there the transformed kernel outweighs the image).
+_WINOGRAD_MIN_PIXELS = 32 * 32
 _cpu_plan: str | None = None
 _eigen_ynn: str | None = None  # `set_eigen_ynn_fusions`: benchmarks compare other sets
 
@@ -281,40 +290,69 @@ def conv3x3_weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def conv3x3_fast(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3x3 'SAME' stride-1 NHWC/HWIO convolution with the chunked-im2col weight gradient."""
+    """3x3 'SAME' stride-1 NHWC/HWIO convolution with the CPU plan's gradients (and, under
+    'native', its forward pass)."""
+    return _conv3x3_forward(x, kernel)
+
+
+def _conv3x3_forward(x, kernel):
+    if _winograd_layer(cpu_plan(), x, kernel):
+        return native_conv.conv3x3(x, kernel)
     return _conv_same(x, kernel)
 
 
 def _conv3x3_fast_fwd(x, kernel):
-    return _conv_same(x, kernel), (x, kernel)
+    return _conv3x3_forward(x, kernel), (x, kernel)
 
 
 def _conv3x3_fast_bwd(residuals, g):
     x, kernel = residuals
     plan = cpu_plan()
-    if plan in _YNN_FUSIONS and not _native_layer(plan, x, g):
-        # XLA's own gradients, as under plain autodiff (fast under `compiler_options`).
-        _, conv_vjp = jax.vjp(_conv_same, x, kernel)
-        return conv_vjp(g)
-    # The input gradient is XLA's own transposed convolution, as under plain autodiff.
-    _, conv_vjp_x = jax.vjp(lambda x_: _conv_same(x_, kernel), x)
-    (dx,) = conv_vjp_x(g)
-    if plan == "native":
+    # The input gradient: XLA's own transposed convolution, as under plain autodiff, or under
+    # 'native' the Winograd convolution of g with the turned kernel.
+    if _winograd_layer(plan, g, kernel):  # (the rule is symmetric in C and K)
+        dx = native_conv.conv3x3_input_grad(g, kernel)
+    else:
+        _, conv_vjp_x = jax.vjp(lambda x_: _conv_same(x_, kernel), x)
+        (dx,) = conv_vjp_x(g)
+    if _native_layer(plan, x, g):
         return dx, native_conv.conv3x3_weight_grad(x, g).astype(kernel.dtype)
+    if plan in _YNN_FUSIONS:
+        # XLA's own weight gradient, as under plain autodiff (fast under `compiler_options`).
+        _, conv_vjp_kernel = jax.vjp(lambda k_: _conv_same(x, k_), kernel)
+        return dx, conv_vjp_kernel(g)[0]
     return dx, conv3x3_weight_grad(x, g)
+
+
+def _native_cpu(plan: str, *arrays: jax.Array) -> bool:
+    # 'fast' forced on an accelerator keeps XLA's convolutions.
+    return (
+        plan == "native"
+        and jax.default_backend() == "cpu"
+        and all(a.dtype == jnp.float32 for a in arrays)
+    )
 
 
 def _native_layer(plan: str, x: jax.Array, g: jax.Array) -> bool:
     """Whether the 'native' plan takes this layer's weight gradient natively (float32 on the
-    CPU, at least `_NATIVE_MIN_PIXELS` pixels and `_NATIVE_MIN_OUT_CHANNELS` output channels;
-    'fast' forced on an accelerator keeps XLA's)."""
+    CPU, at least `_NATIVE_MIN_PIXELS` pixels and `_NATIVE_MIN_OUT_CHANNELS` output channels)."""
     return (
-        plan == "native"
-        and jax.default_backend() == "cpu"
+        _native_cpu(plan, x, g)
         and x.shape[1] * x.shape[2] >= _NATIVE_MIN_PIXELS
         and g.shape[-1] >= _NATIVE_MIN_OUT_CHANNELS
-        and x.dtype == jnp.float32
-        and g.dtype == jnp.float32
+    )
+
+
+def _winograd_layer(plan: str, x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether the 'native' plan convolves x [N, H, W, C] with kernel [3, 3, C, K] by Winograd
+    (float32 on the CPU, at least `_WINOGRAD_MIN_PIXELS` pixels, C and K multiples of
+    `native_conv.WINOGRAD_CHANNEL_MULTIPLE`)."""
+    m = native_conv.WINOGRAD_CHANNEL_MULTIPLE
+    return (
+        _native_cpu(plan, x, kernel)
+        and x.shape[1] * x.shape[2] >= _WINOGRAD_MIN_PIXELS
+        and kernel.shape[2] % m == 0
+        and kernel.shape[3] % m == 0
     )
 
 

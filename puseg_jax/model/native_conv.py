@@ -29,8 +29,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-SOURCE = Path(__file__).resolve().parent / "native" / "conv3x3_weight_grad.cc"
+SOURCES = tuple(
+    Path(__file__).resolve().parent / "native" / name
+    for name in ("conv3x3_weight_grad.cc", "conv3x3_winograd.cc")
+)
 TARGET = "puseg_conv3x3_weight_grad"
+WINOGRAD_TARGET = "puseg_conv3x3_winograd"
+# The channel counts the Winograd convolution takes: multiples of the widest vector it uses.
+WINOGRAD_CHANNEL_MULTIPLE = 16
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
@@ -71,19 +77,19 @@ def _cache_dir() -> Path:
 def library_path(compiler: str) -> Path:
     """Where the build of this source, compiler, jaxlib and CPU model lives."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode()):
+    for part in (*(p.read_bytes() for p in SOURCES), compiler.encode(), " ".join(_FLAGS).encode()):
         key.update(part)
     key.update(jax.__version__.encode())
     key.update(_cpu_model().encode())
-    return _cache_dir() / f"conv3x3_weight_grad-{key.hexdigest()[:16]}.so"
+    return _cache_dir() / f"conv3x3-{key.hexdigest()[:16]}.so"
 
 
 def _build(compiler: str, out: Path) -> None:
-    """Compiles SOURCE into `out` (atomically: concurrent processes never load half a file)."""
+    """Compiles SOURCES into `out` (atomically: concurrent processes never load half a file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         partial = Path(tmp) / out.name
-        command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o"]
+        command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o"]
         result = subprocess.run(
             [*command, str(partial), "-lpthread"], capture_output=True, text=True, timeout=300
         )
@@ -106,6 +112,9 @@ def _load() -> None:
             _build(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Conv3x3Dw), platform="cpu")
+        jax.ffi.register_ffi_target(
+            WINOGRAD_TARGET, jax.ffi.pycapsule(library.Conv3x3Winograd), platform="cpu"
+        )
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _state.update(ok=False, reason=f"build or load failed: {e}")
         return
@@ -147,3 +156,51 @@ def conv3x3_weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
         raise ValueError(f"expected [N, H, W, C] and [N, H, W, K], got {x.shape} and {g.shape}")
     out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, g)
+
+
+# F(2x2, 3x3)'s kernel transform (Lavin and Gray, 2016): U = G W G^T for each (c, k).
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_kernel(kernel: jax.Array) -> jax.Array:
+    """[3, 3, C, K] HWIO kernel -> [16, C, K], U[4a + b] = sum_ij G[a, i] G[b, j] W[i, j]."""
+    g = jnp.asarray(_G, jnp.float32)
+    u = jnp.einsum("ai,bj,ijck->abck", g, g, kernel.astype(jnp.float32))
+    return u.reshape(16, *kernel.shape[2:])
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """y[n, h, w, k] = sum_{i,j,c} xpad[n, h + i, w + j, c] * W[i, j, c, k], float32, on the CPU.
+
+    XLA's 3x3 'SAME' stride-1 NHWC/HWIO convolution, computed by Winograd's F(2x2, 3x3) in
+    `native/conv3x3_winograd.cc`: 16 multiplications for each 2x2 block of outputs where the
+    direct sum takes 36, at the price of a few additions and float32 rounding of the order of
+    the direct sum's (the tests bound it).
+
+    Args:
+      x: [N, H, W, C] float32, C a multiple of WINOGRAD_CHANNEL_MULTIPLE.
+      kernel: [3, 3, C, K] float32, K a multiple of WINOGRAD_CHANNEL_MULTIPLE.
+
+    Returns:
+      [N, H, W, K] float32.
+    """
+    if not available():
+        raise RuntimeError(f"the native convolution is unavailable: {unavailable_reason()}")
+    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+        raise TypeError(f"float32 only, got {x.dtype} and {kernel.dtype}")
+    if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
+        raise ValueError(f"expected [N, H, W, C] and [3, 3, C, K], got {x.shape}, {kernel.shape}")
+    if x.shape[-1] % WINOGRAD_CHANNEL_MULTIPLE or kernel.shape[-1] % WINOGRAD_CHANNEL_MULTIPLE:
+        raise ValueError(
+            f"channels must be multiples of {WINOGRAD_CHANNEL_MULTIPLE}, got {kernel.shape[2:]}"
+        )
+    out = jax.ShapeDtypeStruct((*x.shape[:3], kernel.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(WINOGRAD_TARGET, out, vmap_method="sequential")(
+        x, winograd_kernel(kernel)
+    )
+
+
+def conv3x3_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The input gradient of `conv3x3` (and of XLA's convolution): the convolution of the output
+    cotangent g [N, H, W, K] with the kernel turned by 180 degrees, C and K swapped."""
+    return conv3x3(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
