@@ -288,6 +288,22 @@ def test_weight_grad_benchmark_formulations_agree(capsys):
     assert rows[1].split("|")[1 + variants.index("cols3_scan/16") + 1].strip() != "-"
 
 
+def test_forward_benchmark_variants_agree(capsys):
+    """benchmarks/bench_conv_forward.py: what it times is XLA's convolution (the script stops
+    on a relative error over 1e-4 against Eigen's)."""
+    import os
+    import sys
+
+    _require_native()
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_conv_forward
+
+    variants = ["eigen", "ynn", "winograd"]
+    bench_conv_forward.main(["--layers", "2x9x8x16x32", "--reps", "1", "--variants", *variants])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x")]
+    assert len(rows) == 1 and rows[0].count("|") == len(variants) + 2
+
+
 @pytest.mark.parametrize(
     "shape",
     [

@@ -47,7 +47,7 @@ measurements on each CPU kind (`cpu_plan`, benchmarks/README.md):
     at least `_NATIVE_MIN_PIXELS` pixels an image (and `_NATIVE_MIN_OUT_CHANNELS` output
     channels) is its direct sum, 1.6-3.3x faster than XLA's there. The forward pass and the
     input gradient of the layers of at least `_WINOGRAD_MIN_PIXELS` pixels whose channel counts
-    are multiples of 16 are its Winograd F(2x2, 3x3) convolution, 1.4-1.9x faster than Eigen's
+    are multiples of 16 are its Winograd F(2x2, 3x3) convolution, 1.2-2.1x faster than Eigen's
     there. The smaller layers keep XLA's, faster at many channels and few pixels.
 
 This module imports only jax and flax: `benchmarks/gpu.sh` runs it on a machine without the
@@ -111,12 +111,13 @@ _NATIVE_MIN_PIXELS = 64 * 64
 # kernel's scalar path, slower than XLA.
 _NATIVE_MIN_OUT_CHANNELS = 16
 # The 'native' plan's forward pass and input gradient run by Winograd's F(2x2, 3x3)
-# (`native_conv.conv3x3`) from this many pixels an image (32x32), where both channel counts are
-# multiples of `native_conv.WINOGRAD_CHANNEL_MULTIPLE`: on the Zen 4 it took 117 ms against
-# Eigen's 170 at 8x384x384 32 -> 32, 27 against 52 at 8x64x64 128 -> 128 and 62 against 108 at
-# 8x32x32 512 -> 256, but 96 against 107 at 8x24x24 512 -> 512, 55 against 47 at 8x16x16 and
-# 13 against 4 at 8x8x8 (there the transformed kernel outweighs the image).
-_WINOGRAD_MIN_PIXELS = 32 * 32
+# (`native_conv.conv3x3`) from this many pixels an image (24x24), where both channel counts are
+# multiples of `native_conv.WINOGRAD_CHANNEL_MULTIPLE`. On the Zen 4 (`bench_conv_forward.py`,
+# benchmarks/README.md) it took 121 ms against Eigen's 172 at 8x384x384 32 -> 32, 27 against 53
+# at 8x64x64 128 -> 128 and 93 against 108 at 8x24x24 512 -> 512, but 62 against 49 at 8x16x16
+# 512 -> 512 and 9 against 3 at 8x8x8 256 -> 256, where the transformed kernel, 16 C K floats
+# read for every chunk of tiles, outweighs the image.
+_WINOGRAD_MIN_PIXELS = 24 * 24
 _cpu_plan: str | None = None
 _eigen_ynn: str | None = None  # `set_eigen_ynn_fusions`: benchmarks compare other sets
 
