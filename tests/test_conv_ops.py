@@ -37,7 +37,7 @@ def small_chunks(monkeypatch):
 def _require_native():
     """Skips (fails under CI, $PUSEG_REQUIRE_NATIVE=1) where the native kernel cannot build."""
     if not native_conv.available():
-        reason = f"native weight gradient unavailable: {native_conv.unavailable_reason()}"
+        reason = f"native kernels unavailable: {native_conv.unavailable_reason()}"
         if os.environ.get("PUSEG_REQUIRE_NATIVE") == "1":
             pytest.fail(reason)
         pytest.skip(reason)

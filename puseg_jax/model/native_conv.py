@@ -1,18 +1,24 @@
-"""A native weight gradient for the 3x3 convolution on the CPU, compiled on this machine.
+"""Native 3x3 convolution kernels for the CPU, compiled on this machine.
 
-XLA:CPU computes the weight gradient of a 3x3 convolution as a convolution whose "kernel" is
-the whole image; at large images with few channels that takes about 3x oneDNN's time, and no
-formulation XLA can compile does better (benchmarks/README.md, "What is left"). The direct sum
-in `native/conv3x3_weight_grad.cc` (an XLA FFI handler) does: on a 2-core AMD EPYC Zen 4 it
-takes 64 ms against XLA's 147 at 8x256x256 32 -> 32.
+Two XLA FFI handlers in `native/`, each beating what XLA:CPU runs for the same sum on the
+layers the 'native' plan gives them (benchmarks/README.md, "The 'native' plan"):
 
-It is compiled on first use with the machine's C++ compiler ($CXX, else g++, c++ or clang++;
-`-O3 -march=native`, against the FFI headers jaxlib ships) into a cache folder
-($PUSEG_NATIVE_CACHE, else $XDG_CACHE_HOME/puseg_jax/native or ~/.cache/puseg_jax/native), one
-library per source, compiler, jaxlib version and CPU model, so a home folder shared by machines
-of different kinds never loads another's build. Nothing is downloaded. Without a compiler, with
-a failed build or with $PUSEG_NATIVE=0 it is unavailable (`available()` is False and
-`unavailable_reason()` says why) and conv_ops keeps XLA's weight gradient.
+  * `conv3x3_weight_grad` (`native/conv3x3_weight_grad.cc`): the weight gradient as a direct
+    sum. XLA computes it as a convolution whose "kernel" is the whole image, about 3x oneDNN's
+    time at large images with few channels, and no formulation XLA can compile does better; on a
+    2-core AMD EPYC Zen 4 this takes 50 ms against XLA's 164 at 8x256x256 32 -> 32.
+  * `conv3x3` and `conv3x3_input_grad` (`native/conv3x3_winograd.cc`): the convolution and its
+    input gradient by Winograd's F(2x2, 3x3), 16 multiplications for each 2x2 block of outputs
+    where the direct sum takes 36: 121 ms against Eigen's 172 at 8x384x384 32 -> 32.
+
+Both are compiled into one library on first use with the machine's C++ compiler ($CXX, else
+g++, c++ or clang++; `-O3 -march=native`, against the FFI headers jaxlib ships) into a cache
+folder ($PUSEG_NATIVE_CACHE, else $XDG_CACHE_HOME/puseg_jax/native or
+~/.cache/puseg_jax/native), one library per source, compiler, jaxlib version and CPU model, so
+a home folder shared by machines of different kinds never loads another's build. Nothing is
+downloaded. Without a compiler, with a failed build or with $PUSEG_NATIVE=0 they are
+unavailable (`available()` is False and `unavailable_reason()` says why) and conv_ops keeps
+XLA's convolutions.
 
 This module imports only the standard library and jax.
 """
