@@ -95,6 +95,10 @@ def time_torch(x: np.ndarray, kernel: np.ndarray, reps: int):
     return 1e3 * min(times)
 
 
+def _ms(ms: float) -> str:
+    return f"{ms:.1f}" if ms < 10 else f"{ms:.0f}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), help="NxHxWxCxK")
@@ -115,7 +119,7 @@ def main(argv=None):
         cells, reference = [], None
         for name in args.variants:
             if name == "torch":
-                cells.append(f"{time_torch(x, kernel, args.reps):.0f}")
+                cells.append(_ms(time_torch(x, kernel, args.reps)))
                 continue
             ms, out = time_jax(name, x, kernel, args.reps)
             if reference is None:
@@ -124,7 +128,7 @@ def main(argv=None):
                 err = float(np.max(np.abs(out - reference)) / np.max(np.abs(reference)))
                 if err > 1e-4:
                     raise SystemExit(f"{name} at {spec}: relative error {err:.1e}")
-            cells.append(f"{ms:.0f}")
+            cells.append(_ms(ms))
         print(f"| {n}x{h}x{w}, {c} -> {k} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -52,6 +52,7 @@ def plan(request, monkeypatch):
         _require_native()
         monkeypatch.setattr(conv_ops, "_NATIVE_MIN_PIXELS", 1)
         monkeypatch.setattr(conv_ops, "_WINOGRAD_MIN_PIXELS", 1)
+        monkeypatch.setattr(conv_ops, "_WINOGRAD_MIN_WORK", 1)
     conv_ops.set_cpu_plan(request.param)
     yield request.param
     conv_ops.set_cpu_plan(None)
@@ -348,9 +349,9 @@ def test_native_plan_runs_only_the_large_layers():
     conv_ops.set_cpu_plan("native")
     try:
 
-        def grad_jaxpr(size, in_channels=2, out_channels=16):
-            x = jnp.ones((1, size, size, in_channels))
-            kernel = jnp.ones((3, 3, in_channels, out_channels))
+        def grad_jaxpr(size, in_channels=2, out_channels=16, batch=1):
+            x = jax.ShapeDtypeStruct((batch, size, size, in_channels), jnp.float32)
+            kernel = jax.ShapeDtypeStruct((3, 3, in_channels, out_channels), jnp.float32)
 
             def loss(x, kernel):
                 return conv_ops.conv3x3_fast(x, kernel).sum()
@@ -361,12 +362,15 @@ def test_native_plan_runs_only_the_large_layers():
         assert native_conv.TARGET in grad_jaxpr(side)
         assert native_conv.TARGET not in grad_jaxpr(side // 2)
         assert native_conv.TARGET not in grad_jaxpr(side, out_channels=8)
-        # Winograd: forward and input gradient, two calls, from its size on, channels 16k only.
+        # Winograd: forward and input gradient, two calls, from its size and work on, channels
+        # in multiples of 16 only.
         side = int(conv_ops._WINOGRAD_MIN_PIXELS**0.5)
-        assert grad_jaxpr(side, 16, 32).count(native_conv.WINOGRAD_TARGET) == 2
-        assert native_conv.WINOGRAD_TARGET not in grad_jaxpr(side - 1, 16, 32)
-        assert native_conv.WINOGRAD_TARGET not in grad_jaxpr(side, 8, 32)
-        assert native_conv.WINOGRAD_TARGET not in grad_jaxpr(side, 16, 24)
+        batch = -(-conv_ops._WINOGRAD_MIN_WORK // (side * side * 16 * 32))
+        assert grad_jaxpr(side, 16, 32, batch).count(native_conv.WINOGRAD_TARGET) == 2
+        assert native_conv.WINOGRAD_TARGET not in grad_jaxpr(side, 16, 32, batch - 1)
+        assert native_conv.WINOGRAD_TARGET not in grad_jaxpr(side - 1, 16, 32, 2 * batch)
+        assert native_conv.WINOGRAD_TARGET not in grad_jaxpr(side, 8, 32, 2 * batch)
+        assert native_conv.WINOGRAD_TARGET not in grad_jaxpr(side, 16, 24, 2 * batch)
     finally:
         conv_ops.set_cpu_plan(None)
 

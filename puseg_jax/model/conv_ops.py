@@ -118,6 +118,11 @@ _NATIVE_MIN_OUT_CHANNELS = 16
 # 512 -> 512 and 9 against 3 at 8x8x8 256 -> 256, where the transformed kernel, 16 C K floats
 # read for every chunk of tiles, outweighs the image.
 _WINOGRAD_MIN_PIXELS = 24 * 24
+# ... and from this much work, N H W C K (a batch of 8 at 128x128, 16 -> 16): each call costs
+# a fixed amount besides (threads started, the kernel transformed, XLA's scheduling around an
+# opaque call), so the demo's layers (16x32x32, 16-32 channels), each faster alone by Winograd,
+# made its whole step 8 % slower (0.087 s against 0.080).
+_WINOGRAD_MIN_WORK = 8 * 128 * 128 * 16 * 16
 _cpu_plan: str | None = None
 _eigen_ynn: str | None = None  # `set_eigen_ynn_fusions`: benchmarks compare other sets
 
@@ -346,12 +351,15 @@ def _native_layer(plan: str, x: jax.Array, g: jax.Array) -> bool:
 
 def _winograd_layer(plan: str, x: jax.Array, kernel: jax.Array) -> bool:
     """Whether the 'native' plan convolves x [N, H, W, C] with kernel [3, 3, C, K] by Winograd
-    (float32 on the CPU, at least `_WINOGRAD_MIN_PIXELS` pixels, C and K multiples of
+    (float32 on the CPU, at least `_WINOGRAD_MIN_PIXELS` pixels an image and
+    `_WINOGRAD_MIN_WORK` N H W C K, C and K multiples of
     `native_conv.WINOGRAD_CHANNEL_MULTIPLE`)."""
     m = native_conv.WINOGRAD_CHANNEL_MULTIPLE
+    n, h, w = x.shape[:3]
     return (
         _native_cpu(plan, x, kernel)
-        and x.shape[1] * x.shape[2] >= _WINOGRAD_MIN_PIXELS
+        and h * w >= _WINOGRAD_MIN_PIXELS
+        and n * h * w * kernel.shape[2] * kernel.shape[3] >= _WINOGRAD_MIN_WORK
         and kernel.shape[2] % m == 0
         and kernel.shape[3] % m == 0
     )
