@@ -46,9 +46,10 @@ measurements on each CPU kind (`cpu_plan`, benchmarks/README.md):
     two kernels of `native_conv` compiled on this machine. The weight gradient of the layers of
     at least `_NATIVE_MIN_PIXELS` pixels an image (and `_NATIVE_MIN_OUT_CHANNELS` output
     channels) is its direct sum, 1.6-3.3x faster than XLA's there. The forward pass and the
-    input gradient of the layers of at least `_WINOGRAD_MIN_PIXELS` pixels whose channel counts
-    are multiples of 16 are its Winograd F(2x2, 3x3) convolution, 1.2-2.1x faster than Eigen's
-    there. The smaller layers keep XLA's, faster at many channels and few pixels.
+    input gradient of the layers of at least `_WINOGRAD_MIN_PIXELS` pixels and
+    `_WINOGRAD_MIN_WORK` N H W C K whose channel counts are multiples of 16 are its Winograd
+    F(2x2, 3x3) convolution, 1.2-2.1x faster than Eigen's there. The smaller layers keep
+    XLA's, faster at many channels and few pixels.
 
 This module imports only jax and flax: `benchmarks/gpu.sh` runs it on a machine without the
 project's other dependencies.
