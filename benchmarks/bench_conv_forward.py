@@ -17,7 +17,6 @@ machine otherwise idle.
   python benchmarks/bench_conv_forward.py --layers 8x128x128x16x16 --variants eigen winograd
 """
 
-import argparse
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_step import cpu_model  # noqa: E402
+from bench_weight_grad import layer_table, time_compiled  # noqa: E402
 
 # N x H x W x C x K: a layer of each level of the fundus (256) and prostate (384) U-Nets at the
 # paper widths, the decoder's concatenations, and the CPU budget's largest layers (128).
@@ -63,22 +62,6 @@ def _jax_variant(name: str):
     raise ValueError(f"unknown variant {name!r}")
 
 
-def time_jax(name: str, x: np.ndarray, kernel: np.ndarray, reps: int):
-    """(ms, output) of variant `name`."""
-    import jax
-
-    fn, options = _jax_variant(name)
-    xj, kj = jax.device_put(x), jax.device_put(kernel)
-    compiled = jax.jit(fn).trace(xj, kj).lower().compile(options)
-    out = np.asarray(jax.block_until_ready(compiled(xj, kj)))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(xj, kj))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times), out
-
-
 def time_torch(x: np.ndarray, kernel: np.ndarray, reps: int):
     """ms of PyTorch's forward pass (channels_last, oneDNN) for the same layer."""
     import torch
@@ -95,41 +78,17 @@ def time_torch(x: np.ndarray, kernel: np.ndarray, reps: int):
     return 1e3 * min(times)
 
 
-def _ms(ms: float) -> str:
-    return f"{ms:.1f}" if ms < 10 else f"{ms:.0f}"
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", nargs="+", default=list(LAYERS), help="NxHxWxCxK")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--cores", type=int, default=0, help="pin to the first N cores (0: all)")
-    args = parser.parse_args(argv)
-    if args.cores:
-        os.sched_setaffinity(0, set(range(args.cores)))
-    print(f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; ms, min of {args.reps}")
-    print("| layer N x H x W, C -> K | " + " | ".join(args.variants) + " |")
-    print("|---|" + "---:|" * len(args.variants))
-    rng = np.random.default_rng(0)
-    for spec in args.layers:
-        n, h, w, c, k = (int(v) for v in spec.split("x"))
+    def inputs(rng, n, h, w, c, k):
         x = rng.standard_normal((n, h, w, c), dtype=np.float32)
-        kernel = (rng.standard_normal((3, 3, c, k)) / np.sqrt(9 * c)).astype(np.float32)
-        cells, reference = [], None
-        for name in args.variants:
-            if name == "torch":
-                cells.append(_ms(time_torch(x, kernel, args.reps)))
-                continue
-            ms, out = time_jax(name, x, kernel, args.reps)
-            if reference is None:
-                reference = out  # the first JAX variant (eigen by default) is the reference
-            else:
-                err = float(np.max(np.abs(out - reference)) / np.max(np.abs(reference)))
-                if err > 1e-4:
-                    raise SystemExit(f"{name} at {spec}: relative error {err:.1e}")
-            cells.append(_ms(ms))
-        print(f"| {n}x{h}x{w}, {c} -> {k} | " + " | ".join(cells) + " |", flush=True)
+        return x, (rng.standard_normal((3, 3, c, k)) / np.sqrt(9 * c)).astype(np.float32)
+
+    def measure(name, arrays, reps):
+        if name == "torch":
+            return time_torch(*arrays, reps), None
+        return time_compiled(*_jax_variant(name), arrays, reps)  # the first: the reference
+
+    layer_table(argv, __doc__.split("\n\n")[0], LAYERS, VARIANTS, inputs, measure)
 
 
 if __name__ == "__main__":

@@ -162,26 +162,27 @@ def _jax_variant(name: str):
     raise ValueError(f"unknown variant {name!r}")
 
 
-def time_jax(name: str, x: np.ndarray, g: np.ndarray, reps: int, reference):
-    """(ms, relative max error against `reference` or None) of variant `name`."""
+def time_compiled(fn, options, arrays, reps: int):
+    """(ms, output) of `fn` jitted and compiled with XLA `options`: the minimum of `reps` calls
+    after one untimed call."""
     import jax
 
-    fn, options = _jax_variant(name)
-    xj, gj = jax.device_put(x), jax.device_put(g)
-    h = x.shape[1]
-    if name.startswith("cols3_scan/") and h % int(name.split("/")[1]):
-        return None, None, None
-    compiled = jax.jit(fn).trace(xj, gj).lower().compile(options)
-    out = np.asarray(jax.block_until_ready(compiled(xj, gj)))
+    arrays = [jax.device_put(a) for a in arrays]
+    compiled = jax.jit(fn).trace(*arrays).lower().compile(options)
+    out = np.asarray(jax.block_until_ready(compiled(*arrays)))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(xj, gj))
+        jax.block_until_ready(compiled(*arrays))
         times.append(time.perf_counter() - t0)
-    err = None
-    if reference is not None:
-        err = float(np.max(np.abs(out - reference)) / np.max(np.abs(reference)))
-    return 1e3 * min(times), err, out
+    return 1e3 * min(times), out
+
+
+def time_jax(name: str, x: np.ndarray, g: np.ndarray, reps: int):
+    """(ms, output) of variant `name`, or None where it does not apply to the layer."""
+    if name.startswith("cols3_scan/") and x.shape[1] % int(name.split("/")[1]):
+        return None
+    return time_compiled(*_jax_variant(name), (x, g), reps)
 
 
 def time_torch(x: np.ndarray, g: np.ndarray, reps: int):
@@ -206,39 +207,58 @@ def time_torch(x: np.ndarray, g: np.ndarray, reps: int):
     return 1e3 * min(times)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", nargs="+", default=list(LAYERS), help="NxHxWxCxK")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+def _ms(ms: float) -> str:
+    return f"{ms:.1f}" if ms < 10 else f"{ms:.0f}"
+
+
+def layer_table(argv, description: str, layers, variants, inputs, measure) -> None:
+    """Parses the common options and prints a markdown table: a row per layer, a column per
+    variant, in ms ('-' where `measure` returns None). `inputs(rng, n, h, w, c, k)` makes a
+    layer's arrays; `measure(name, arrays, reps)` returns (ms, output or None). The first
+    output is the reference: the script stops where another is off by more than 1e-4 of it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--layers", nargs="+", default=list(layers), help="NxHxWxCxK")
+    parser.add_argument("--variants", nargs="+", default=list(variants))
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--cores", type=int, default=0, help="pin to the first N cores (0: all)")
     args = parser.parse_args(argv)
     if args.cores:
         os.sched_setaffinity(0, set(range(args.cores)))
     print(f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; ms, min of {args.reps}")
-    cols = [v for v in args.variants]
-    print("| layer N x H x W, C -> K | " + " | ".join(cols) + " |")
-    print("|---|" + "---:|" * len(cols))
+    print("| layer N x H x W, C -> K | " + " | ".join(args.variants) + " |")
+    print("|---|" + "---:|" * len(args.variants))
     rng = np.random.default_rng(0)
     for spec in args.layers:
         n, h, w, c, k = (int(v) for v in spec.split("x"))
-        x = rng.standard_normal((n, h, w, c), dtype=np.float32)
-        g = rng.standard_normal((n, h, w, k), dtype=np.float32)
+        arrays = inputs(rng, n, h, w, c, k)
         cells, reference = [], None
-        for name in cols:
-            if name == "torch":
-                cells.append(f"{time_torch(x, g, args.reps):.0f}")
-                continue
-            ms, err, out = time_jax(name, x, g, args.reps, reference)
-            if ms is None:
+        for name in args.variants:
+            result = measure(name, arrays, args.reps)
+            if result is None:
                 cells.append("-")
                 continue
-            if reference is None:
-                reference = out  # the first JAX variant (xla by default) is the reference
-            elif err > 1e-4:
-                raise SystemExit(f"{name} at {spec}: relative error {err:.1e} against {cols[0]}")
-            cells.append(f"{ms:.0f}")
+            ms, out = result
+            if out is not None and reference is None:
+                reference = out
+            elif out is not None:
+                err = float(np.max(np.abs(out - reference)) / np.max(np.abs(reference)))
+                if err > 1e-4:
+                    raise SystemExit(f"{name} at {spec}: relative error {err:.1e}")
+            cells.append(_ms(ms))
         print(f"| {n}x{h}x{w}, {c} -> {k} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv=None):
+    def inputs(rng, n, h, w, c, k):
+        x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+        return x, rng.standard_normal((n, h, w, k), dtype=np.float32)
+
+    def measure(name, arrays, reps):
+        if name == "torch":
+            return time_torch(*arrays, reps), None
+        return time_jax(name, *arrays, reps)  # the first (xla by default) is the reference
+
+    layer_table(argv, __doc__.split("\n\n")[0], LAYERS, VARIANTS, inputs, measure)
 
 
 if __name__ == "__main__":

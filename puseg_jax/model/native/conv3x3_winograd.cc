@@ -34,12 +34,8 @@ constexpr int V = 8;
 constexpr int TB = 6;   // 6 x 2 vectors = 12 accumulators
 #endif
 constexpr int KV = 2;
-#ifndef CHUNK_BYTES
-#define CHUNK_BYTES (512 * 1024)
-#endif
-#ifndef MIN_CHUNK
-#define MIN_CHUNK 48
-#endif
+constexpr long CHUNK_BYTES = 512 * 1024;  // transformed inputs and products a chunk, about
+constexpr long MIN_CHUNK = 48;            // ... but at least this many tiles
 typedef float vec __attribute__((vector_size(V * 4)));
 
 inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
@@ -218,11 +214,10 @@ ffi::Error Conv3x3WinogradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
   s.CS = s.C + V;
   const long P = (long)s.N * s.TH * s.TW;  // tiles
   if (P == 0 || s.K == 0) return ffi::Error::Success();  // nothing to write
-  // About CHUNK_BYTES of transformed inputs and products a chunk, at least MIN_CHUNK tiles (so
-  // that U, read once a chunk, is read by many tiles where C and K are large), whole register
-  // blocks.
+  // At least MIN_CHUNK tiles, so that U, read once a chunk, is read by many tiles where C and K
+  // are large; whole register blocks.
   const long per_tile = 16L * (s.C + s.K) * 4;
-  const int chunk = std::max<long>(MIN_CHUNK, CHUNK_BYTES / per_tile / TB * TB);
+  const int chunk = std::max(MIN_CHUNK, CHUNK_BYTES / per_tile / TB * TB);
   const int T = std::min<long>(num_threads(), (P + TB - 1) / TB);
   const std::vector<float> packed = pack(u.typed_data(), s);
   std::vector<std::thread> pool;
