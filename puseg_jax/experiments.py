@@ -4,7 +4,7 @@
       [--budget cpu|paper] [--nifti] [--root workdirs/experiments] [--manual_dir DIR]
       [--data_dir DIR] [--dry_run] [--config.FIELD=VALUE ...]
   python -m puseg_jax.experiments table FAMILY [METHOD/VARIANT ...] [--budget ...] [--nifti]
-      [--compare=A:B,C:D] [--choose] [--targets=...] [--seeds=...]
+      [--compare=A:B,C:D] [--choose] [--per_run] [--targets=...] [--seeds=...]
 
 Lists are comma-separated (`--targets=Domain1,Domain3`).
 
@@ -32,7 +32,8 @@ quality and the source-validation scores; then paired comparisons (`--compare A:
 over seeds and cases (`stats.paired_interval`) and the per-seed mean differences. A comparison
 says "better" or "worse" only when its interval excludes zero (never from one seed). `--choose`
 adds, per target, the choice of the default `ours` variant from that target's runs and their
-source validation alone (`choice.choose_per_target`).
+source validation alone (`choice.choose_per_target`); `--per_run` adds one row per run (its
+seed's source-validation and target scores).
 """
 
 import sys
@@ -110,6 +111,9 @@ def define_flags(fv: flags.FlagValues) -> None:
         "validation only",
         flag_values=fv,
     )
+    flags.DEFINE_bool(
+        "per_run", False, "add one row per run to the table (seed by seed)", flag_values=fv
+    )
     flags.DEFINE_bool("dry_run", False, "print the commands only", flag_values=fv)
     flags.DEFINE_bool("table", False, "only aggregate (as the word `table`)", flag_values=fv)
 
@@ -136,7 +140,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[dict, list[str]]:
 
     Returns:
       The options (table, family, methods, targets, seeds, budget, nifti, root, manual_dir,
-      data_dir, compare, choose, dry_run) and the overrides.
+      data_dir, compare, choose, per_run, dry_run) and the overrides.
     """
     # known_only: the `--config.*` overrides are the runs' flags, not this command's.
     fv, rest = cli.parse(argv, __doc__, define_flags, PROG, known_only=True)
@@ -188,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     family = args["family"]
     suite = suite_name(args["budget"], args["nifti"])
     failed = []
-    report = dict(compare=args["compare"] or None, choose=args["choose"])
+    report = dict(compare=args["compare"] or None, choose=args["choose"], per_run=args["per_run"])
     with cli.console():
         if args["table"]:
             # Only what was asked for; by default every finished run of the suite.

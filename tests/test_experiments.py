@@ -457,3 +457,24 @@ def test_a_running_process_leaves_its_segment_open(tmp_path):
     seen = (workdir / "log.txt").read_text().splitlines()[-1]
     assert "'wall_s': None" in seen and "'returncode': None" in seen
     assert record["segments"][-1]["returncode"] == 0 and len(record["segments"]) == 1
+
+
+def test_per_run_rows_list_every_seed(fake_suite):
+    """`--per_run`: one row per run, in target/seed order, with that run's own source-validation
+    and target numbers (not the seed means)."""
+    per_run_args, _ = experiments.parse_args(["table", "fundus", "--per_run"])
+    assert per_run_args["per_run"] is True
+    text = tables.write_results(fake_suite, "fundus", compare=[], per_run=True)
+    block = text.split("## Per run")[1]
+    rows = [line for line in block.splitlines() if line.startswith("| Domain")]
+    assert [r.split(" | ")[:3] for r in rows] == [
+        ["| Domain1", "erm", "0"],
+        ["| Domain1", "ours", "0"],
+        ["| Domain1", "erm", "1"],
+        ["| Domain1", "ours", "1"],
+        ["| Domain3", "ours", "0"],
+    ]
+    # erm seed 1: target OD 0.9, OC 0.6, HD95 3.0 (2 + seed) and 4.0; source val 0.9 / 0.7.
+    assert rows[2] == "| Domain1 | erm | 1 | 0.9000 | 0.7000 | 0.9000 | 0.6000 | 3.00 | 4.00 |"
+    assert rows[3].split(" | ")[6] == "0.7500"  # ours seed 1 OC: 0.65 + 0.1
+    assert "## Per run" not in tables.write_results(fake_suite, "fundus", compare=[])

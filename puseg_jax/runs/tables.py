@@ -143,10 +143,11 @@ def format_results(
     paired: list[dict[str, Any]],
     choices: Sequence[dict[str, Any]] | None = None,
     suite: str = "cpu",
+    runs: Sequence[dict[str, Any]] | None = None,
 ) -> str:
     """The markdown report: source-validation table, target table, mean over targets, paired
-    comparisons, and (when given) the choice of the default variant per target
-    (`choice.choose_per_target`)."""
+    comparisons, (when given) the choice of the default variant per target
+    (`choice.choose_per_target`) and (when `runs` are given) one row per run."""
     if not rows:
         return f"# {family} ({suite}): no finished runs\n"
     structures = rows[0]["structures"]
@@ -248,7 +249,35 @@ def format_results(
             )
     for c in choices or ():
         lines += _format_choice(c)
+    if runs:
+        lines += _format_per_run(runs)
     return "\n".join(lines) + "\n"
+
+
+def _format_per_run(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The markdown of every run on its own: the numbers that the seed means above average."""
+    structures = runs[0]["summary"]["structures"]
+    head = [f"val {s} Dice" for s in structures] + [f"{s} Dice" for s in structures]
+    head += [f"{s} HD95" for s in structures]
+    lines = [
+        "",
+        "## Per run",
+        "",
+        "Source validation pooled over the sources' cases (as above); the target's Dice and "
+        "HD95, reported only.",
+        "",
+        "| target | variant | seed | " + " | ".join(head) + " |",
+        "|" + "---|" * (3 + len(head)),
+    ]
+    for r in sorted(runs, key=lambda r: (r["target"], r["seed"], *_variant_order(r))):
+        val = source_val_scores(r["summary"])
+        _, ev = target_eval(r["summary"])
+        cells = [r["target"], r["variant"], str(r["seed"])]
+        cells += [_cell((val.get(f"{s}/dice", math.nan), 0.0, 1), 4) for s in structures]
+        cells += [_cell((ev[s].get("dice", math.nan), 0.0, 1), 4) for s in structures]
+        cells += [_cell((ev[s].get("hd95", math.nan), 0.0, 1), 2) for s in structures]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 _DIAG_COLS = (
@@ -323,6 +352,7 @@ def write_results(
     seeds: Sequence[int] | None = None,
     compare: Sequence[tuple[str, str]] | None = None,
     choose: bool = False,
+    per_run: bool = False,
 ) -> str:
     """Aggregates the finished runs of one suite; writes `<root>/<family>/<suite>/results.*`.
 
@@ -332,6 +362,7 @@ def write_results(
       compare: (A, B) variant pairs to compare; default [('ours', 'erm')].
       choose: add the choice of the default variant for each target, from that target's runs
         and their source validation only (`choice.choose_per_target`).
+      per_run: add one row per run (seed by seed, beside the means).
 
     Returns:
       The markdown report.
@@ -344,7 +375,7 @@ def write_results(
         choices = []
         for target in sorted({r["target"] for r in runs}):
             choices.append(choose_per_target(source_val_rows(runs, target), target))
-    text = format_results(family, rows, paired, choices, suite)
+    text = format_results(family, rows, paired, choices, suite, runs if per_run else None)
     out = Path(root) / family / suite
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
