@@ -9,11 +9,14 @@ the mean and both structures against the step. Only source-validation evaluators
 With --diagnostics it draws instead how strong the highlighting was over training (the
 `loss.diagnostics_every_steps` keys of metrics.jsonl, docs/method.md): the gradient's share on
 the 10 % most uncertain pixels and on the boundary band, and the overlap of those pixels with
-the band, and prints the table at every --every-th measurement.
+the band, and prints the table at every --every-th measurement. There a LABEL may name several
+runs, `LABEL=RUN_DIR,RUN_DIR,...` (the seeds of one arm): the line is their mean at the steps
+all of them measured, the shaded band their range, and the table the mean.
 """
 
 import argparse
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from puseg_jax.runs.curves import diagnostics_curve, source_val_curve
@@ -25,25 +28,49 @@ _DIAGNOSTICS = (
 )
 
 
-def plot_diagnostics(runs: list[str], out: str, every: int) -> None:
-    """The highlighting diagnostics of each run against the step, one panel per key."""
-    fig = Figure(figsize=(10, 3.2), dpi=100, layout="constrained")
-    axes = fig.subplots(1, len(_DIAGNOSTICS))
-    print("| run | step | " + " | ".join(title for _, title in _DIAGNOSTICS) + " | band / all |")
-    print("|---|---:|" + "---:|" * (len(_DIAGNOSTICS) + 1))
-    for spec in runs:
-        label, path = spec.split("=", 1)
-        curve = diagnostics_curve(path)
+def seed_curves(paths: list[str]) -> tuple[list[int], dict[str, np.ndarray]]:
+    """The diagnostics of several runs at the steps all of them measured.
+
+    Returns:
+      (steps, {key: array [runs, steps]}) for every key of `_DIAGNOSTICS` and 'band_fraction'.
+    """
+    curves = []
+    for path in paths:
+        curve = dict(diagnostics_curve(path))
         if not curve:
             raise SystemExit(f"{path}: no diagnostics in metrics.jsonl")
-        for i, (step, values) in enumerate(curve):
-            if i % every == 0 or i == len(curve) - 1:
-                cells = [f"{values[k]:.3f}" for k, _ in _DIAGNOSTICS]
-                band = f"{values['band_fraction']:.3f}"
-                print(f"| {label} | {step} | " + " | ".join(cells) + f" | {band} |")
-        steps = [step for step, _ in curve]
+        curves.append(curve)
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    keys = [k for k, _ in _DIAGNOSTICS] + ["band_fraction"]
+    return steps, {k: np.array([[c[step][k] for step in steps] for c in curves]) for k in keys}
+
+
+def plot_diagnostics(runs: list[str], out: str, every: int) -> None:
+    """The highlighting diagnostics of each run (or mean of each group of runs) against the step,
+    one panel per key."""
+    fig = Figure(figsize=(10, 3.2), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(_DIAGNOSTICS))
+    print(
+        "| run | runs | step | "
+        + " | ".join(title for _, title in _DIAGNOSTICS)
+        + " | band / all |"
+    )
+    print("|---|---:|---:|" + "---:|" * (len(_DIAGNOSTICS) + 1))
+    for spec in runs:
+        label, paths = spec.split("=", 1)
+        steps, values = seed_curves(paths.split(","))
+        mean = {k: v.mean(axis=0) for k, v in values.items()}
+        n = len(values["band_fraction"])
+        for i, step in enumerate(steps):
+            if i % every == 0 or i == len(steps) - 1:
+                cells = [f"{mean[k][i]:.3f}" for k, _ in _DIAGNOSTICS]
+                band = f"{mean['band_fraction'][i]:.3f}"
+                print(f"| {label} | {n} | {step} | " + " | ".join(cells) + f" | {band} |")
         for ax, (key, _) in zip(axes, _DIAGNOSTICS, strict=True):
-            ax.plot(steps, [values[key] for _, values in curve], lw=1, label=label)
+            (line,) = ax.plot(steps, mean[key], lw=1, label=label if n == 1 else f"{label} ({n})")
+            if n > 1:
+                lo, hi = values[key].min(axis=0), values[key].max(axis=0)
+                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
     for ax, (_, title) in zip(axes, _DIAGNOSTICS, strict=True):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
@@ -56,7 +83,9 @@ def plot_diagnostics(runs: list[str], out: str, every: int) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
+    parser.add_argument(
+        "runs", nargs="+", help="LABEL=RUN_DIR (--diagnostics: LABEL=RUN_DIR[,RUN_DIR...])"
+    )
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument(
         "--diagnostics", action="store_true", help="the highlighting diagnostics, not the Dice"

@@ -135,3 +135,22 @@ def test_diagnostic_keys_are_the_trainers():
     from puseg_jax.train import diagnostics
 
     assert curves.DIAGNOSTIC_KEYS == diagnostics.KEYS
+
+
+def test_plot_diagnostics_averages_the_seeds_of_an_arm(tmp_path, capsys):
+    """benchmarks/plot_curves --diagnostics with LABEL=RUN,RUN: the mean of the seeds at the
+    steps both measured (a step only one seed reached is left out), and a figure."""
+    from benchmarks import plot_curves
+
+    a, b = tmp_path / "seed0", tmp_path / "seed1"
+    a.mkdir(), b.mkdir()
+    _write_diagnostics(a, [50, 100, 150], [0.2, 0.4, 0.6])
+    _write_diagnostics(b, [50, 100], [0.4, 0.8])
+    steps, values = plot_curves.seed_curves([str(a), str(b)])
+    assert steps == [50, 100]
+    np.testing.assert_allclose(values["grad_share_top10u"], [[0.2, 0.4], [0.4, 0.8]])
+    out = tmp_path / "fig.png"
+    plot_curves.main(["--diagnostics", "--every", "1", "--out", str(out), f"arm={a},{b}"])
+    printed = capsys.readouterr().out
+    assert "| arm | 2 | 100 | 0.600 | 0.300 | 0.500 | 0.100 |" in printed
+    assert out.stat().st_size > 0
