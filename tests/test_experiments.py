@@ -478,3 +478,18 @@ def test_per_run_rows_list_every_seed(fake_suite):
     assert rows[2] == "| Domain1 | erm | 1 | 0.9000 | 0.7000 | 0.9000 | 0.6000 | 3.00 | 4.00 |"
     assert rows[3].split(" | ")[6] == "0.7500"  # ours seed 1 OC: 0.65 + 0.1
     assert "## Per run" not in tables.write_results(fake_suite, "fundus", compare=[])
+    # A run that logged the highlighting diagnostics adds its last-quarter means; the others
+    # show n/a there.
+    workdir = runs_suite.run_dir(fake_suite, "fundus", "cpu", "Domain1", "ours", 1)
+    record = {
+        "step": 4000,
+        "train/grad_share_top10u": 0.8,
+        "train/grad_share_band": 0.9,
+        "train/top10u_band_overlap": 0.7,
+        "train/band_fraction": 0.15,
+    }
+    (workdir / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    text = tables.write_results(fake_suite, "fundus", compare=[], per_run=True)
+    rows = [r for r in text.split("## Per run")[1].splitlines() if r.startswith("| Domain")]
+    assert rows[3].endswith("| 0.7500 | 3.00 | 4.00 | 0.800 | 0.900 | 0.700 |")
+    assert rows[2].endswith("| 3.00 | 4.00 | n/a | n/a | n/a |")

@@ -255,16 +255,22 @@ def format_results(
 
 
 def _format_per_run(runs: Sequence[dict[str, Any]]) -> list[str]:
-    """The markdown of every run on its own: the numbers that the seed means above average."""
+    """The markdown of every run on its own: the numbers that the seed means above average, and
+    (for suites whose runs logged them) each run's highlighting diagnostics."""
     structures = runs[0]["summary"]["structures"]
+    diags = {r["workdir"]: highlight_diagnostics(r["workdir"]) for r in runs}
+    with_diag = any(diags.values())
     head = [f"val {s} Dice" for s in structures] + [f"{s} Dice" for s in structures]
     head += [f"{s} HD95" for s in structures]
+    if with_diag:
+        head += [title for _, title in _DIAG_COLS[:3]]
     lines = [
         "",
         "## Per run",
         "",
         "Source validation pooled over the sources' cases (as above); the target's Dice and "
-        "HD95, reported only.",
+        "HD95, reported only"
+        + ("; the highlighting diagnostics of the last quarter of training." if with_diag else "."),
         "",
         "| target | variant | seed | " + " | ".join(head) + " |",
         "|" + "---|" * (3 + len(head)),
@@ -276,6 +282,9 @@ def _format_per_run(runs: Sequence[dict[str, Any]]) -> list[str]:
         cells += [_cell((val.get(f"{s}/dice", math.nan), 0.0, 1), 4) for s in structures]
         cells += [_cell((ev[s].get("dice", math.nan), 0.0, 1), 4) for s in structures]
         cells += [_cell((ev[s].get("hd95", math.nan), 0.0, 1), 2) for s in structures]
+        if with_diag:
+            diag = diags[r["workdir"]] or {}
+            cells += [_cell((diag.get(k, math.nan), 0.0, 1), 3) for k, _ in _DIAG_COLS[:3]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
