@@ -58,9 +58,10 @@ def plot_diagnostics(runs: list[str], out: str, every: int) -> None:
     print("|---|---:|---:|" + "---:|" * (len(_DIAGNOSTICS) + 1))
     for spec in runs:
         label, paths = spec.split("=", 1)
-        steps, values = seed_curves(paths.split(","))
+        paths = paths.split(",")
+        steps, values = seed_curves(paths)
         mean = {k: v.mean(axis=0) for k, v in values.items()}
-        n = len(values["band_fraction"])
+        n = len(paths)
         for i, step in enumerate(steps):
             if i % every == 0 or i == len(steps) - 1:
                 cells = [f"{mean[k][i]:.3f}" for k, _ in _DIAGNOSTICS]

@@ -82,7 +82,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
       'resolution' and 'stats' {metric name: (mean, std, n)}; metric names are
       '<structure>/<dice|hd95|asd>' (target), 'auroc_error', 'u_boundary_ratio',
       'source_val/<structure>/<dice|hd95>', 'source_val_dice', 'wall_s' and, for runs that
-      logged them, 'diag/<key>' (`curves.highlight_diagnostics`: the last quarter of training).
+      logged them, 'diag/<key>' (`curves.highlight_diagnostics`: the last quarter of training);
+      and 'per_run': each run's own values of the same names, with its 'seed'.
     """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
@@ -95,26 +96,31 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise ValueError(f"{target}/{variant} holds runs of several methods {methods}")
         values: dict[str, list[float]] = {}
         units, resolutions = set(), set()
+        per_run = []
         for r in group:
+            run_values: dict[str, Any] = {}
             _, ev = target_eval(r["summary"])
             # How distances were measured (grid, geometry, unit); older runs name the unit only.
             units.add(ev.get("distance", ev.get("distance_unit")))
             resolutions.add(ev.get("resolution", "network"))
             for s in structures:
                 for m in ("dice", "hd95", "asd"):
-                    values.setdefault(f"{s}/{m}", []).append(ev[s].get(m))
+                    run_values[f"{s}/{m}"] = ev[s].get(m)
             unc = ev.get("uncertainty", {})
-            values.setdefault("auroc_error", []).append(unc.get("auroc_error"))
-            values.setdefault("u_boundary_ratio", []).append(unc.get("u_boundary_ratio"))
+            run_values["auroc_error"] = unc.get("auroc_error")
+            run_values["u_boundary_ratio"] = unc.get("u_boundary_ratio")
             val = source_val_scores(r["summary"])
             for s in structures:
                 for m in ("dice", "hd95"):
-                    values.setdefault(f"source_val/{s}/{m}", []).append(val.get(f"{s}/{m}"))
-            values.setdefault("source_val_dice", []).append(val.get("dice"))
-            values.setdefault("wall_s", []).append(r["wall_s"])
+                    run_values[f"source_val/{s}/{m}"] = val.get(f"{s}/{m}")
+            run_values["source_val_dice"] = val.get("dice")
+            run_values["wall_s"] = r["wall_s"]
             diag = highlight_diagnostics(r["workdir"]) or {}
             for k in DIAGNOSTIC_KEYS:
-                values.setdefault(f"diag/{k}", []).append(diag.get(k))
+                run_values[f"diag/{k}"] = diag.get(k)
+            for k, v in run_values.items():
+                values.setdefault(k, []).append(v)
+            per_run.append({"seed": r["seed"], **run_values})
         rows.append(
             dict(
                 target=target,
@@ -125,6 +131,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 distance_unit="/".join(sorted(str(u) for u in units)),
                 resolution="/".join(sorted(str(u) for u in resolutions)),
                 stats={k: _mean_std(v) for k, v in values.items()},
+                per_run=per_run,
             )
         )
     return rows
@@ -143,11 +150,11 @@ def format_results(
     paired: list[dict[str, Any]],
     choices: Sequence[dict[str, Any]] | None = None,
     suite: str = "cpu",
-    runs: Sequence[dict[str, Any]] | None = None,
+    per_run: bool = False,
 ) -> str:
     """The markdown report: source-validation table, target table, mean over targets, paired
     comparisons, (when given) the choice of the default variant per target
-    (`choice.choose_per_target`) and (when `runs` are given) one row per run."""
+    (`choice.choose_per_target`) and (with `per_run`) one row per run."""
     if not rows:
         return f"# {family} ({suite}): no finished runs\n"
     structures = rows[0]["structures"]
@@ -249,21 +256,23 @@ def format_results(
             )
     for c in choices or ():
         lines += _format_choice(c)
-    if runs:
-        lines += _format_per_run(runs)
+    if per_run:
+        lines += _format_per_run(rows)
     return "\n".join(lines) + "\n"
 
 
-def _format_per_run(runs: Sequence[dict[str, Any]]) -> list[str]:
-    """The markdown of every run on its own: the numbers that the seed means above average, and
-    (for suites whose runs logged them) each run's highlighting diagnostics."""
-    structures = runs[0]["summary"]["structures"]
-    diags = {r["workdir"]: highlight_diagnostics(r["workdir"]) for r in runs}
-    with_diag = any(diags.values())
-    head = [f"val {s} Dice" for s in structures] + [f"{s} Dice" for s in structures]
-    head += [f"{s} HD95" for s in structures]
+def _format_per_run(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown of every run on its own (`aggregate`'s 'per_run'): the numbers that the seed
+    means above average, and (for suites whose runs logged them) each run's highlighting
+    diagnostics."""
+    structures = rows[0]["structures"]
+    runs = [(r, v) for r in rows for v in r["per_run"]]
+    with_diag = any(r["stats"][f"diag/{DIAGNOSTIC_KEYS[0]}"][2] for r in rows)
+    cols = [(f"source_val/{s}/dice", f"val {s} Dice", 4) for s in structures]
+    cols += [(f"{s}/dice", f"{s} Dice", 4) for s in structures]
+    cols += [(f"{s}/hd95", f"{s} HD95", 2) for s in structures]
     if with_diag:
-        head += [title for _, title in _DIAG_COLS[:3]]
+        cols += [(f"diag/{k}", title, 3) for k, title in _DIAG_COLS[:3]]
     lines = [
         "",
         "## Per run",
@@ -272,19 +281,14 @@ def _format_per_run(runs: Sequence[dict[str, Any]]) -> list[str]:
         "HD95, reported only"
         + ("; the highlighting diagnostics of the last quarter of training." if with_diag else "."),
         "",
-        "| target | variant | seed | " + " | ".join(head) + " |",
-        "|" + "---|" * (3 + len(head)),
+        "| target | variant | seed | " + " | ".join(c[1] for c in cols) + " |",
+        "|" + "---|" * (3 + len(cols)),
     ]
-    for r in sorted(runs, key=lambda r: (r["target"], r["seed"], *_variant_order(r))):
-        val = source_val_scores(r["summary"])
-        _, ev = target_eval(r["summary"])
-        cells = [r["target"], r["variant"], str(r["seed"])]
-        cells += [_cell((val.get(f"{s}/dice", math.nan), 0.0, 1), 4) for s in structures]
-        cells += [_cell((ev[s].get("dice", math.nan), 0.0, 1), 4) for s in structures]
-        cells += [_cell((ev[s].get("hd95", math.nan), 0.0, 1), 2) for s in structures]
-        if with_diag:
-            diag = diags[r["workdir"]] or {}
-            cells += [_cell((diag.get(k, math.nan), 0.0, 1), 3) for k, _ in _DIAG_COLS[:3]]
+    for row, v in sorted(
+        runs, key=lambda rv: (rv[0]["target"], rv[1]["seed"], *_variant_order(rv[0]))
+    ):
+        cells = [row["target"], row["variant"], str(v["seed"])]
+        cells += [_cell(_mean_std([v.get(k)]), d) for k, _, d in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -384,7 +388,7 @@ def write_results(
         choices = []
         for target in sorted({r["target"] for r in runs}):
             choices.append(choose_per_target(source_val_rows(runs, target), target))
-    text = format_results(family, rows, paired, choices, suite, runs if per_run else None)
+    text = format_results(family, rows, paired, choices, suite, per_run)
     out = Path(root) / family / suite
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
